@@ -1,0 +1,545 @@
+"""What the studio stores: datasets, configs, runs and everything a run produces.
+
+Fat models: behaviour that belongs to a row (who may see it, state changes of a run, turning
+a stored config into a training config) lives here, so views and tasks stay thin.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.urls import reverse
+from django.utils import timezone
+
+from training.config import (
+    BATCH_RANGES,
+    SAFE_RANGE_REASONS,
+    SAFE_RANGES,
+    TrainConfig,
+    UnsafeConfig,
+    batch_warning,
+    check_safe,
+    range_text,
+)
+
+
+class Timestamped(models.Model):
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+
+
+class OwnedQuerySet(models.QuerySet):
+    def visible_to(self, user):
+        """Staff see everything; everyone else sees only what they own."""
+        if not user.is_authenticated:
+            return self.none()
+        if user.is_staff:
+            return self
+        return self.filter(**{self.model.owner_lookup: user})
+
+
+class Owned(Timestamped):
+    owner_lookup = "owner"
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+
+    def visible_to(self, user) -> bool:
+        return type(self).objects.visible_to(user).filter(pk=self.pk).exists()
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class Dataset(Owned):
+    class Status(models.TextChoices):
+        NEW = "new", "New"
+        IMPORTING = "importing", "Importing"
+        IMPORTED = "imported", "Imported"
+        PREPROCESSING = "preprocessing", "Preprocessing"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    class Source(models.TextChoices):
+        UPLOAD = "upload", "Uploaded archive"
+        FOLDER = "folder", "Folder on the server"
+
+    class Format(models.TextChoices):
+        AUTO = "auto", "Detect automatically"
+        LJSPEECH = "ljspeech", "LJSpeech (metadata.csv + wavs/)"
+        VCTK = "vctk", "VCTK (wav48*/<speaker>/ + txt/<speaker>/)"
+        COQUI = "coqui", "CSV audio_file|text|speaker_name"
+        COMMONVOICE = "commonvoice", "Common Voice TSV"
+
+    class Language(models.TextChoices):
+        ENGLISH = "en", "English"
+        PERSIAN = "fa", "Persian"
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets"
+    )
+    name = models.CharField(max_length=200)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.UPLOAD)
+    source_path = models.CharField(
+        max_length=1000, blank=True, help_text="Where the raw files live."
+    )
+    format = models.CharField(max_length=16, choices=Format.choices, default=Format.AUTO)
+    language = models.CharField(max_length=8, choices=Language.choices, default=Language.ENGLISH)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.NEW, db_index=True
+    )
+    status_message = models.TextField(blank=True)
+    progress = models.FloatField(
+        default=0.0, help_text="0-1 of the current step (import or preprocessing)."
+    )
+    eta_seconds = models.FloatField(null=True, blank=True)
+    cache_dir = models.CharField(
+        max_length=1000, blank=True, help_text="Cached features for training."
+    )
+    n_utterances = models.PositiveIntegerField(default=0)
+    n_speakers = models.PositiveIntegerField(default=0)
+    total_seconds = models.FloatField(default=0.0)
+    problem_counts = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["owner", "-created"]), models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return f"/datasets/{self.pk}/"
+
+    @property
+    def hours(self) -> float:
+        return self.total_seconds / 3600.0
+
+    @property
+    def is_ready(self) -> bool:
+        """Only a preprocessed dataset can be trained on: training never decodes audio."""
+        return self.status == self.Status.READY and bool(self.cache_dir)
+
+    @property
+    def is_busy(self) -> bool:
+        return self.status in (self.Status.IMPORTING, self.Status.PREPROCESSING)
+
+    def set_progress(
+        self, fraction: float, eta_seconds: float | None = None, message: str = ""
+    ) -> None:
+        """Write progress without touching other fields a concurrent writer may own."""
+        fields = {
+            "progress": max(0.0, min(1.0, fraction)),
+            "eta_seconds": eta_seconds,
+            "updated": timezone.now(),
+        }
+        if message:
+            fields["status_message"] = message
+        Dataset.objects.filter(pk=self.pk).update(**fields)
+        for k, v in fields.items():
+            setattr(self, k, v)
+
+
+class Speaker(Timestamped):
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="speakers")
+    name = models.CharField(max_length=200)
+    n_utterances = models.PositiveIntegerField(default=0)
+    total_seconds = models.FloatField(default=0.0)
+    embedding = models.JSONField(null=True, blank=True, help_text="Mean 256-d speaker embedding.")
+
+    class Meta:
+        ordering = ["dataset", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "name"], name="unique_speaker_per_dataset")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.dataset})"
+
+    @property
+    def minutes(self) -> float:
+        return self.total_seconds / 60.0
+
+
+class Utterance(Timestamped):
+    class Split(models.TextChoices):
+        TRAIN = "train", "Train"
+        VAL = "val", "Validation"
+        NONE = "", "Not used"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="utterances")
+    speaker = models.ForeignKey(
+        Speaker, on_delete=models.SET_NULL, null=True, blank=True, related_name="utterances"
+    )
+    item_id = models.CharField(max_length=300)
+    audio_path = models.CharField(max_length=1000, blank=True)
+    text = models.TextField(blank=True)
+    duration_seconds = models.FloatField(default=0.0)
+    sample_rate = models.PositiveIntegerField(null=True, blank=True)
+    split = models.CharField(max_length=8, choices=Split.choices, default=Split.NONE, blank=True)
+    usable = models.BooleanField(
+        default=True, db_index=True, help_text="False when a problem dropped it."
+    )
+    problems = models.JSONField(default=list, blank=True, help_text="[{code, message, severity}]")
+
+    class Meta:
+        ordering = ["dataset", "item_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "item_id"], name="unique_item_per_dataset")
+        ]
+        indexes = [
+            models.Index(fields=["dataset", "usable"]),
+            models.Index(fields=["dataset", "split"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.item_id
+
+    @property
+    def problem_codes(self) -> list[str]:
+        return [p.get("code", "") for p in self.problems]
+
+
+# --------------------------------------------------------------------------- training configs
+
+WEIGHT_FIELDS = [
+    "mel_loss_weight",
+    "kl_loss_weight",
+    "duration_loss_weight",
+    "pitch_loss_weight",
+    "energy_loss_weight",
+    "align_loss_weight",
+    "bin_loss_weight",
+]
+
+
+def _safe_help(name: str, text: str = "") -> str:
+    """Help text that shows the range from the one table, so the form and the check never disagree."""
+    return f"{text} {range_text(name).capitalize()}: {SAFE_RANGE_REASONS.get(name, '')}".strip()
+
+
+class TrainingConfig(Owned):
+    class Size(models.TextChoices):
+        TINY = "tiny", "tiny (laptop CPU, minutes)"
+        SMALL = "small", "small"
+        NORMAL = "normal", "normal"
+        BIG = "big", "big"
+
+    class Level(models.TextChoices):
+        BASIC = "basic", "basic"
+        ENHANCED = "enhanced", "enhanced"
+        PLATEAU_BREAKER = "plateau_breaker", "plateau breaker"
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="training_configs"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    model_size = models.CharField(max_length=8, choices=Size.choices, default=Size.TINY)
+    optimization_level = models.CharField(max_length=20, choices=Level.choices, default=Level.BASIC)
+    batch_size = models.PositiveIntegerField(default=16)
+    steps = models.PositiveIntegerField(default=2000)
+    learning_rate = models.FloatField(default=1e-3, help_text=_safe_help("learning_rate"))
+    lr_warmup_steps = models.PositiveIntegerField(default=100)
+    grad_clip_norm = models.FloatField(default=1.0, help_text=_safe_help("grad_clip_norm"))
+    grad_accum_steps = models.PositiveIntegerField(default=1)
+    eval_every = models.PositiveIntegerField(default=200)
+    checkpoint_every = models.PositiveIntegerField(default=500)
+    seed = models.IntegerField(default=1234)
+    mel_loss_weight = models.FloatField(default=2.5, help_text=_safe_help("mel_loss_weight"))
+    kl_loss_weight = models.FloatField(
+        default=1.0,
+        help_text=_safe_help("kl_loss_weight", "Used only by models with a variational part."),
+    )
+    duration_loss_weight = models.FloatField(
+        default=1.0, help_text=_safe_help("duration_loss_weight")
+    )
+    pitch_loss_weight = models.FloatField(default=0.1, help_text=_safe_help("pitch_loss_weight"))
+    energy_loss_weight = models.FloatField(default=0.1, help_text=_safe_help("energy_loss_weight"))
+    align_loss_weight = models.FloatField(default=1.0, help_text=_safe_help("align_loss_weight"))
+    bin_loss_weight = models.FloatField(default=0.1, help_text=_safe_help("bin_loss_weight"))
+    use_adaptive_weights = models.BooleanField(default=True)
+    extra = models.JSONField(
+        default=dict, blank=True, help_text="Further TrainConfig fields, by name."
+    )
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["owner", "-created"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.model_size}, {self.optimization_level})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("config_edit", args=[self.pk])
+
+    def values(self) -> dict:
+        """The flat dict the training side understands (TrainConfig.from_flat)."""
+        values = dict(self.extra or {})
+        values.update(
+            size=self.model_size,
+            optimization_level=self.optimization_level,
+            batch_size=self.batch_size,
+            steps=self.steps,
+            learning_rate=self.learning_rate,
+            lr_warmup_steps=self.lr_warmup_steps,
+            grad_clip_norm=self.grad_clip_norm,
+            grad_accum_steps=self.grad_accum_steps,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            use_adaptive_weights=self.use_adaptive_weights,
+        )
+        values.update({name: getattr(self, name) for name in WEIGHT_FIELDS})
+        return values
+
+    def to_train_config(self) -> TrainConfig:
+        return TrainConfig.from_flat(self.values())
+
+    def clean(self):
+        """Refuse anything outside the safe ranges, naming each field and its range."""
+        super().clean()
+        try:
+            check_safe(self.values())
+        except UnsafeConfig as exc:
+            raise ValidationError(
+                {
+                    name: f"{msg}. {SAFE_RANGE_REASONS.get(name, '')}".strip()
+                    for name, msg in exc.problems.items()
+                    if name in {f.name for f in self._meta.fields}
+                }
+                or str(exc)
+            ) from exc
+
+    @property
+    def batch_warning(self) -> str | None:
+        if self.model_size not in BATCH_RANGES:
+            return None
+        return batch_warning(self.model_size, self.batch_size)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class Run(Owned):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+        INTERRUPTED = "interrupted", "Interrupted"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runs"
+    )
+    name = models.CharField(max_length=200, blank=True)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
+    config = models.ForeignKey(TrainingConfig, on_delete=models.PROTECT, related_name="runs")
+    # The config as it was when the run was created: editing a config never changes a run.
+    config_snapshot = models.JSONField(default=dict)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
+    error = models.TextField(blank=True)
+    resume_from = models.ForeignKey(
+        "Checkpoint", on_delete=models.SET_NULL, null=True, blank=True, related_name="resumed_runs"
+    )
+    init_from = models.ForeignKey(
+        "Checkpoint",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="finetuned_runs",
+        help_text="Fine-tune: start from these weights with a fresh optimiser.",
+    )
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    current_step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    last_loss = models.FloatField(null=True, blank=True)
+    best_val_loss = models.FloatField(null=True, blank=True)
+    out_dir = models.CharField(max_length=1000, blank=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [
+            models.Index(fields=["owner", "-created"]),
+            models.Index(fields=["status", "-created"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"Run {self.pk}"
+
+    def get_absolute_url(self) -> str:
+        return f"/runs/{self.pk}/"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def progress(self) -> float:
+        return self.current_step / self.total_steps if self.total_steps else 0.0
+
+    @property
+    def can_resume(self) -> bool:
+        return self.status in (self.Status.INTERRUPTED, self.Status.FAILED, self.Status.CANCELLED)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_flat(self.config_snapshot)
+
+    def request_cancel(self) -> None:
+        """The worker polls this flag through should_stop(); a queued run is cancelled at once."""
+        with transaction.atomic():
+            run = Run.objects.select_for_update().get(pk=self.pk)
+            run.cancel_requested = True
+            if run.status == self.Status.QUEUED:
+                run.status = self.Status.CANCELLED
+                run.finished = timezone.now()
+            run.save(update_fields=["cancel_requested", "status", "finished", "updated"])
+        self.refresh_from_db()
+
+    def mark_running(self, worker: str = "") -> None:
+        self.status = self.Status.RUNNING
+        self.worker = worker
+        self.attempts += 1
+        self.error = ""
+        self.started = self.started or timezone.now()
+        self.save(update_fields=["status", "worker", "attempts", "error", "started", "updated"])
+
+    def mark_finished(self, status: str, error: str = "") -> None:
+        self.status = status
+        self.error = error
+        self.finished = timezone.now()
+        self.save(update_fields=["status", "error", "finished", "updated"])
+
+    def mark_interrupted(self, reason: str) -> None:
+        """A worker died under the run: keep everything, so a new worker resumes it."""
+        self.status = self.Status.INTERRUPTED
+        self.error = reason
+        self.save(update_fields=["status", "error", "updated"])
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return self.checkpoints.order_by("-step").first()
+
+
+class MetricPoint(models.Model):
+    """One scalar of one step. Unique on (run, step, name) so a resumed run never duplicates rows."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metrics")
+    step = models.PositiveIntegerField()
+    name = models.CharField(max_length=64)
+    value = models.FloatField()
+    time = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run", "step", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step", "name"], name="unique_metric_point")
+        ]
+        indexes = [models.Index(fields=["run", "name", "step"])]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}@{self.step} {self.name}={self.value:.4g}"
+
+    @classmethod
+    def record(cls, run_id: int, step: int, metrics: dict, time=None) -> list[MetricPoint]:
+        """Bulk-insert the numeric entries of one step's metrics; a repeat of a step is ignored."""
+        time = time or timezone.now()
+        rows = [
+            cls(run_id=run_id, step=step, name=name[:64], value=float(value), time=time)
+            for name, value in metrics.items()
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        return cls.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+class RunEvent(models.Model):
+    """Something worth reading rather than plotting: an adaptive-weight decision, a skipped step,
+    a rollback, a diagnosis, a status change, a log line."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    step = models.PositiveIntegerField(default=0)
+    kind = models.CharField(max_length=32, db_index=True)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run", "step", "created"]
+        indexes = [models.Index(fields=["run", "kind", "step"])]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}@{self.step} {self.kind}: {self.message[:60]}"
+
+
+class Checkpoint(Timestamped):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.PositiveIntegerField()
+    path = models.CharField(max_length=1000, help_text="Absolute path of the .pt file.")
+    val_loss = models.FloatField(null=True, blank=True)
+    is_best = models.BooleanField(default=False)
+    size_bytes = models.BigIntegerField(default=0)
+    scores = models.JSONField(
+        default=dict, blank=True, help_text="Objective scores: SECS, MCD, WER, RTF."
+    )
+
+    class Meta:
+        ordering = ["run", "-step"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step"], name="unique_checkpoint_step")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.run} step {self.step}"
+
+    @classmethod
+    def visible_to(cls, user):
+        if not user.is_authenticated:
+            return cls.objects.none()
+        qs = cls.objects.select_related("run")
+        return qs if user.is_staff else qs.filter(run__owner=user)
+
+    @property
+    def label(self) -> str:
+        val = f", val {self.val_loss:.3f}" if self.val_loss is not None else ""
+        return f"{self.run} · step {self.step}{val}"
+
+
+class AudioSample(Timestamped):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="samples")
+    step = models.PositiveIntegerField()
+    utterance_id = models.CharField(max_length=300, blank=True)
+    speaker = models.CharField(max_length=200, blank=True)
+    text = models.TextField(blank=True)
+    audio = models.FileField(upload_to="samples/%Y/%m/")
+    mel_image = models.FileField(upload_to="samples/%Y/%m/", blank=True)
+
+    class Meta:
+        ordering = ["run", "-step"]
+        indexes = [models.Index(fields=["run", "-step"])]
+
+    def __str__(self) -> str:
+        return f"{self.run} step {self.step} {self.utterance_id}"
+
+
+def safe_ranges_table() -> list[dict]:
+    """Rows for templates: each guarded field, its range and why."""
+    return [
+        {"name": name, "low": low, "high": high, "reason": SAFE_RANGE_REASONS.get(name, "")}
+        for name, (low, high) in SAFE_RANGES.items()
+    ]
