@@ -1,0 +1,705 @@
+"""The training loop: one readable loop in the nanoGPT manner, with every guard in plain sight.
+
+    Trainer(cfg, data_dir, out_dir, callbacks).run()
+
+One optimiser step: set the learning rate (warm-up, cosine decay, lowered after a rollback,
+restarted on a plateau); for each of `grad_accum_steps` micro-batches run the model under
+bf16 autocast (GPU only), compute the weighted loss and backpropagate; clip the gradient norm
+and keep the norm from before clipping; ask the StepGuard whether to apply the step (never
+clamping the loss: a non-finite loss or gradient, or a spike, skips the step instead; too many
+skips in a row roll the weights back to the last good checkpoint and lower the learning rate);
+feed loss and norm to the loss's adaptive weight controller; report metrics.
+
+The outside world sees the run only through `Callbacks` (and `metrics.jsonl` plus the
+checkpoints in `out_dir`). Exact resume: a checkpoint carries model, optimiser, schedule, step,
+loss-controller, guard and RNG states and the position in the data (epoch, batch), and the
+data order depends only on (seed, epoch), so a resumed run computes the same losses as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from training.audio import LOG_FLOOR, AudioConfig, griffin_lim
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import PlateauDetector, TrainConfig
+from training.data import BucketBatchSampler, FeatureDataset, collate, read_meta
+from training.guard import StepGuard
+from training.losses import TTSLoss
+from training.model import MODEL_SIZES, ModelConfig, TTSModel, count_parameters
+
+COMPONENTS = ("mel", "duration", "pitch", "energy", "align", "bin")
+SAMPLE_COUNT = 2  # fixed validation utterances turned into audio at every eval
+MIN_SAMPLE_FRAMES = 8
+PRELOAD_MAX_AUDIO_S = 3 * 3600  # about 540 MB of cached features
+CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt$")
+
+
+@dataclass
+class Sample:
+    id: str
+    speaker: str
+    text: str
+    audio: np.ndarray  # float32 [samples]
+    sample_rate: int
+    mel: np.ndarray  # [80, frames] natural-log mel
+
+
+class Callbacks:
+    """The studio's window into a run; every method is a no-op here."""
+
+    def on_step(self, metrics: dict) -> None:
+        pass
+
+    def on_eval(self, metrics: dict, samples: list[Sample]) -> None:
+        pass
+
+    def on_checkpoint(self, path: str, info: dict) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "stopped"
+    step: int
+    best_val_loss: float | None
+    last_checkpoint: str | None
+    param_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """cuda when there is one and nothing else was asked for; a named device must exist."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but this machine has no usable CUDA GPU")
+    return device
+
+
+class LRSchedule:
+    """Linear warm-up to the peak, then cosine decay to `floor` x peak at the last step.
+
+    `scale` is lowered by rollbacks; `restart(step)` (plateau breaker) begins a new warm-up and
+    decay over the steps that are left.
+    """
+
+    def __init__(self, peak: float, warmup: int, total: int, floor: float = 0.1):
+        self.peak, self.warmup, self.total, self.floor = peak, warmup, total, floor
+        self.scale = 1.0
+        self.start = 0
+        self.restarts = 0
+
+    def lr(self, step: int) -> float:
+        s = step - self.start
+        span = max(1, self.total - self.start)
+        warmup = min(self.warmup, span // 2)
+        if s < warmup:
+            factor = (s + 1) / (warmup + 1)
+        else:
+            progress = min(1.0, (s - warmup) / max(1, span - warmup))
+            factor = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.peak * self.scale * factor
+
+    def restart(self, step: int) -> None:
+        self.start = step
+        self.restarts += 1
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("scale", "start", "restarts"):
+            setattr(self, key, state[key])
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Every RNG the run touches, as tensors and lists so the checkpoint loads weights_only."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _finite_or_none(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data_dir,
+        out_dir,
+        callbacks: Callbacks | None = None,
+        resume: bool = False,
+        init_from=None,
+    ):
+        cfg.check()  # the worker refuses an unsafe config even if it was written around the forms
+        if cfg.size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {cfg.size!r}; one of {', '.join(MODEL_SIZES)}")
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.callbacks = callbacks or Callbacks()
+        self.device = select_device(cfg.device)
+        self.meta = read_meta(self.data_dir)
+        self.symbols = list(self.meta["symbols"])
+        self.warnings: list[str] = []
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        # Data: the order of every epoch is a function of (seed, epoch) alone.
+        self.train_set, train_lengths = self._dataset("train")
+        if len(self.train_set) == 0:
+            raise ValueError(f"{self.data_dir} has no usable training utterances")
+        self.val_set, val_lengths = self._dataset("val")
+        if len(self.val_set) == 0:
+            # A corpus too small for a validation split still gets evals and samples, from
+            # training utterances; the warning says their loss is not a held-out one.
+            self.warnings.append("the cache has no validation split; evaluating on training data")
+            self.val_set, val_lengths = self.train_set, train_lengths
+        self.sampler = BucketBatchSampler(
+            train_lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=False
+        )
+        self.val_batches = BucketBatchSampler(val_lengths, cfg.batch_size, shuffle=False).batches()
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._batches = None
+
+        # Model, loss, guard, optimiser, schedule.
+        self.model_config: ModelConfig = MODEL_SIZES[cfg.size]
+        self.model = TTSModel(self.model_config, len(self.symbols)).to(self.device)
+        self.model.set_feature_stats(self.meta["stats"])
+        self.param_count = count_parameters(self.model)
+        self.loss_fn = TTSLoss.from_config(cfg.loss)
+        self.guard = StepGuard(
+            spike_threshold=cfg.loss.max_loss_spike_threshold,
+            max_consecutive_skips=cfg.max_consecutive_skips,
+            smoothing=cfg.loss.loss_smoothing_factor,
+        )
+        self.optimizer = self._optimizer()
+        self.schedule = LRSchedule(cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps)
+        self.plateau = (
+            PlateauDetector.from_config(cfg)
+            if cfg.optimization_level == "plateau_breaker"
+            else None
+        )
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: str | None = None
+        self.pending_events: list[dict] = []
+        self.tried_rollbacks: set[str] = set()
+        self.last_saved_step = -1
+        self.last_eval_step = -1
+
+        resumed = self._resume() if resume else False
+        if not resumed and init_from:
+            self._init_from(init_from)
+        # Where a rollback goes when no checkpoint is on disk yet: the state we start from.
+        self.start_state = self._model_state_copy()
+        self.compiled = (
+            torch.compile(self.model, dynamic=True) if cfg.compile else self.model
+        )  # the checkpoint always saves self.model, the uncompiled module
+
+    # ------------------------------------------------------------------ setup
+
+    def _dataset(self, split: str):
+        """The split's utterances that the aligner can align (at least one frame per token)."""
+        # Without worker processes, a small corpus is read into memory once (~50 kB per second
+        # of audio) so the loop never waits on disk; a large one is read as it goes.
+        preload = (
+            self.cfg.num_workers == 0
+            and self.meta.get("audio_seconds", math.inf) <= PRELOAD_MAX_AUDIO_S
+        )
+        dataset = FeatureDataset(self.data_dir, split, preload=preload)
+        keep = [i for i, it in enumerate(dataset.items) if it["n_frames"] >= it["n_tokens"] > 0]
+        dropped = len(dataset) - len(keep)
+        if dropped:
+            self.warnings.append(
+                f"{dropped} {split} utterance(s) have fewer mel frames than tokens and are skipped"
+            )
+        return Subset(dataset, keep), [dataset.lengths[i] for i in keep]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on biases, norms and the embedding's scale-free rows (1-d tensors).
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.cfg.learning_rate,
+            betas=(0.9, 0.98),
+            eps=1e-9,
+            fused=self.device.type == "cuda",
+        )
+
+    def autocast(self):
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ data
+
+    def _loader(self, batches: list[list[int]]) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            self.train_set,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
+            # Its own generator: making an iterator must not draw from the global RNG, or a
+            # resumed run would see different dropout masks than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def next_batch(self) -> dict:
+        """The next training batch on the device; (epoch, batch_in_epoch) is the resume point."""
+        while True:
+            if self._batches is None:
+                order = self.sampler.batches(self.epoch)[self.batch_in_epoch :]
+                self._batches = iter(self._loader(order))
+            try:
+                batch = next(self._batches)
+                break
+            except StopIteration:
+                self._batches = None
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        self.batch_in_epoch += 1
+        return self.to_device(batch)
+
+    def to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def lr_at(self, step: int) -> float:
+        return self.schedule.lr(step)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        status = "finished"
+        self.model.train()
+        while self.step < cfg.steps:
+            if self.callbacks.should_stop():
+                status = "stopped"
+                break
+            self.train_step()
+            if self.step % cfg.eval_every == 0:
+                self.evaluate()
+            if self.step % cfg.checkpoint_every == 0:
+                self.save()
+        if status == "finished" and self.last_eval_step != self.step:
+            self.evaluate()
+        if self.last_saved_step != self.step:
+            self.save()
+        if self._batches is not None:
+            self._batches = None  # lets worker processes go
+        return TrainResult(
+            status=status,
+            step=self.step,
+            best_val_loss=self.best_val_loss,
+            last_checkpoint=self.last_checkpoint,
+            param_count=self.param_count,
+            warnings=list(self.warnings),
+        )
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        data_time, samples = 0.0, 0
+        totals, parts = [], {name: [] for name in COMPONENTS}
+        for _ in range(cfg.grad_accum_steps):
+            t = time.perf_counter()
+            batch = self.next_batch()
+            data_time += time.perf_counter() - t
+            samples += batch["tokens"].shape[0]
+            with self.autocast():
+                outputs = self.compiled(batch)
+                loss, components = self.loss_fn(outputs)
+            (loss / cfg.grad_accum_steps).backward()
+            totals.append(loss.detach().float())
+            for name in COMPONENTS:
+                parts[name].append(components[name].detach().float())
+        loss_value = float(torch.stack(totals).mean())
+        # clip_grad_norm_ returns the norm before clipping: the guard and the controller need
+        # the size of the gradient the batch produced, not the clipped one.
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+        )
+
+        verdict = self.guard.check(loss_value, grad_norm)
+        if not verdict.skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn.observe(loss_value, grad_norm)
+        self.step += 1
+
+        events, self.pending_events = self.pending_events, []
+        for d in self.loss_fn.new_decisions():
+            verb = "applied" if d.get("applied") else "rejected"
+            events.append(
+                {
+                    "kind": "adaptive",
+                    "step": self.step,
+                    "message": f"mel weight {d['old']:.4g} -> {d['new']:.4g} {verb}: {d['reason']}",
+                    "data": d,
+                }
+            )
+        if verdict.skip:
+            events.append(
+                {
+                    "kind": "skip",
+                    "step": self.step,
+                    "message": f"optimiser step skipped: {verdict.reason}",
+                    "data": {
+                        "loss": _finite_or_none(loss_value),
+                        "grad_norm": _finite_or_none(grad_norm),
+                    },
+                }
+            )
+        if verdict.rollback:
+            events.append(self.rollback())
+
+        step_time = time.perf_counter() - started
+        metrics = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss/total": loss_value,
+            **{f"loss/{n}": float(torch.stack(v).mean()) for n, v in parts.items()},
+            **{f"weight/{n}": float(w) for n, w in self.loss_fn.weights.items()},
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "time/step": step_time,
+            "time/data": data_time,
+            "data_wait_share": data_time / step_time if step_time > 0 else 0.0,
+            "samples_per_s": samples / step_time if step_time > 0 else 0.0,
+            "guard/skipped": float(self.guard.skipped),
+            "guard/rollbacks": float(self.guard.rollbacks),
+            "events": events,
+        }
+        if self.step % cfg.log_every == 0 or events:
+            self._write_metrics(metrics)
+            self.callbacks.on_step(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ guarding
+
+    def rollback(self) -> dict:
+        """Restore the newest checkpoint not yet tried (else the starting state); lower the LR.
+
+        The step counter and the data position go on: replaying the same batches could replay
+        the fault. A checkpoint that already failed to cure the run is not tried again, so
+        repeated failures walk further back instead of looping on broken weights.
+        """
+        target = next(
+            (p for p in self._checkpoints()[::-1] if str(p) not in self.tried_rollbacks), None
+        )
+        if target is not None:
+            self.tried_rollbacks.add(str(target))
+            ckpt = load_checkpoint(target, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.loss_fn.load_state_dict(ckpt["loss_state"])
+            source, source_step = target.name, int(ckpt["step"])
+        else:
+            self.model.load_state_dict(self.start_state["model"])
+            self.optimizer.load_state_dict(self.start_state["optimizer"])
+            self.loss_fn.load_state_dict(self.start_state["loss_state"])
+            source, source_step = "the starting weights", self.start_state["step"]
+        self.schedule.scale *= self.cfg.rollback_lr_factor
+        return {
+            "kind": "rollback",
+            "step": self.step,
+            "message": (
+                f"{self.cfg.max_consecutive_skips} bad steps in a row: rolled back to "
+                f"{source} (step {source_step}); learning rate now x{self.schedule.scale:g}"
+            ),
+            "data": {"to_step": source_step, "lr_scale": self.schedule.scale},
+        }
+
+    def _model_state_copy(self) -> dict:
+        return {
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "loss_state": copy.deepcopy(self.loss_fn.state_dict()),
+            "step": self.step,
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        # Evaluation (Griffin-Lim's random phase in particular) must not move the training RNG.
+        with torch.random.fork_rng(devices=devices):
+            sums = {name: 0.0 for name in ("total", *COMPONENTS)}
+            count = 0
+            for indices in self.val_batches:
+                batch = self.to_device(collate([self.val_set[i] for i in indices]))
+                with self.autocast():
+                    outputs = self.model(batch)
+                    total, components = self.loss_fn(outputs)
+                n = len(indices)
+                sums["total"] += float(total) * n
+                for name in COMPONENTS:
+                    sums[name] += float(components[name]) * n
+                count += n
+            samples = self.samples()
+        self.model.train()
+
+        metrics = {"step": self.step, **{f"val/{k}": v / count for k, v in sums.items()}}
+        # Checkpoints are ranked by the validation mel loss: the weighted total moves whenever
+        # the adaptive controller moves a weight, so it cannot compare two steps.
+        val_loss = metrics["val/mel"]
+        self.last_val_loss = val_loss if math.isfinite(val_loss) else None
+        improved = self.last_val_loss is not None and (
+            self.best_val_loss is None or val_loss < self.best_val_loss
+        )
+        if improved:
+            self.best_val_loss = val_loss
+        metrics["val/best_mel"] = self.best_val_loss if self.best_val_loss is not None else val_loss
+        self.last_eval_step = self.step
+        self._write_metrics(metrics)
+        self.callbacks.on_eval(metrics, samples)
+        if improved:
+            self.save(best=True)
+        if self.plateau is not None and self.plateau.observe(val_loss):
+            self.schedule.restart(self.step)
+            self.pending_events.append(
+                {
+                    "kind": "adaptive",
+                    "step": self.step,
+                    "message": (
+                        f"validation mel loss has not improved for {self.plateau.patience} "
+                        "evals: learning-rate schedule restarted"
+                    ),
+                    "data": {"plateau_restart": self.schedule.restarts},
+                }
+            )
+        return metrics
+
+    def samples(self) -> list[Sample]:
+        audio_cfg = AudioConfig.from_dict(self.meta["audio"])
+        dataset = self.val_set.dataset
+        chosen = sorted(self.val_set.indices, key=lambda i: dataset.items[i]["id"])[:SAMPLE_COUNT]
+        out = []
+        for i in chosen:
+            item = dataset[i]
+            tokens = item["tokens"][None].to(self.device)
+            result = self.model.infer(
+                tokens,
+                torch.tensor([tokens.shape[1]], device=self.device),
+                item["spk_emb"][None].to(self.device),
+            )
+            mel = result["mel"][0, :, : int(result["mel_lens"][0])].float().cpu()
+            # An untrained duration predictor can say one frame, too short for an STFT window;
+            # pad with silence so early evals still produce (near-silent) audio.
+            if mel.shape[1] < MIN_SAMPLE_FRAMES:
+                mel = F.pad(mel, (0, MIN_SAMPLE_FRAMES - mel.shape[1]), value=math.log(LOG_FLOOR))
+            wav = griffin_lim(mel, cfg=audio_cfg)
+            out.append(
+                Sample(
+                    id=item["id"],
+                    speaker=item["speaker"],
+                    text=item["text"],
+                    audio=wav.numpy().astype(np.float32),
+                    sample_rate=audio_cfg.sample_rate,
+                    mel=mel.numpy(),
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "model_config": self.model_config.to_dict(),
+            "size": self.cfg.size,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {
+                **self.schedule.state_dict(),
+                "plateau": self.plateau.state_dict() if self.plateau else None,
+            },
+            "step": self.step,
+            "loss_state": self.loss_fn.state_dict(),
+            "guard_state": self.guard.state_dict(),
+            "rng": rng_state(),
+            "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+            "config": self.cfg.flat(),
+            "symbols": self.symbols,
+            "audio": self.meta["audio"],
+            "text": self.meta.get("text", {"lang": self.meta.get("language"), "backend": None}),
+            "stats": self.meta["stats"],
+            "val_loss": self.last_val_loss,
+            "eval_step": self.last_eval_step,
+            "best_val_loss": self.best_val_loss,
+            "speakers": self.meta.get("speaker_embeddings", {}),
+        }
+
+    def save(self, best: bool = False) -> str:
+        ckpt = self.checkpoint_dict()
+        if best:
+            path = save_checkpoint(self.ckpt_dir / "best.pt", ckpt)
+        else:
+            path = save_checkpoint(self.ckpt_dir / f"step_{self.step:07d}.pt", ckpt)
+            self.last_checkpoint = str(path)
+            self.last_saved_step = self.step
+            for old in self._checkpoints()[: -self.cfg.keep_last]:
+                old.unlink(missing_ok=True)
+        self.callbacks.on_checkpoint(
+            str(path), {"step": self.step, "val_loss": self.last_val_loss, "best": best}
+        )
+        return str(path)
+
+    def _checkpoints(self) -> list[Path]:
+        """step_*.pt in this run, oldest first."""
+        found = [
+            (int(m.group(1)), p)
+            for p in self.ckpt_dir.glob("step_*.pt")
+            if (m := CHECKPOINT_NAME.search(p.name))
+        ]
+        return [p for _, p in sorted(found)]
+
+    def _resume(self) -> bool:
+        found = self._checkpoints()
+        if not found:
+            self.warnings.append(f"nothing to resume in {self.ckpt_dir}; starting from scratch")
+            return False
+        ckpt = load_checkpoint(found[-1], map_location=self.device)
+        if ckpt["size"] != self.cfg.size:
+            raise ValueError(
+                f"cannot resume a '{ckpt['size']}' checkpoint as a '{self.cfg.size}' model"
+            )
+        if ckpt["symbols"] != self.symbols:
+            raise ValueError("cannot resume: the feature cache's symbol table has changed")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        if self.plateau is not None and ckpt["scheduler"].get("plateau"):
+            self.plateau.load_state_dict(ckpt["scheduler"]["plateau"])
+        self.loss_fn.load_state_dict(ckpt["loss_state"])
+        self.guard.load_state_dict(ckpt["guard_state"])
+        self.step = int(ckpt["step"])
+        self.epoch = int(ckpt["data_position"]["epoch"])
+        self.batch_in_epoch = int(ckpt["data_position"]["batch"])
+        self.best_val_loss = ckpt.get("best_val_loss")
+        self.last_val_loss = ckpt.get("val_loss")
+        self.last_checkpoint = str(found[-1])
+        self.last_saved_step = self.step
+        self.last_eval_step = int(ckpt.get("eval_step", -1))
+        set_rng_state(ckpt["rng"])
+        self._truncate_metrics(self.step)
+        return True
+
+    def _init_from(self, path) -> None:
+        """Fine-tune: take the weights of another run's checkpoint, nothing else.
+
+        Embedding rows are matched by symbol, so a checkpoint whose symbol table differs (a new
+        corpus brings new phonemes) still lends every symbol the two tables share.
+        """
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt["model_config"] != self.model_config.to_dict():
+            raise ValueError(
+                f"init_from {path}: it is a '{ckpt.get('size')}' model, this run trains "
+                f"'{self.cfg.size}'; pick a checkpoint of the same size"
+            )
+        state = dict(ckpt["model"])
+        old_rows = state.pop("embed.weight")
+        old_index = {s: i for i, s in enumerate(ckpt["symbols"])}
+        self.model.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            for i, symbol in enumerate(self.symbols):
+                if symbol in old_index:
+                    self.model.embed.weight[i] = old_rows[old_index[symbol]]
+        # The new corpus's statistics describe the data this run trains on.
+        self.model.set_feature_stats(self.meta["stats"])
+
+    # ------------------------------------------------------------------ metrics file
+
+    def _write_metrics(self, metrics: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # NaN is not JSON; the file keeps null where the callback saw a non-finite float.
+        clean = {k: _finite_or_none(v) for k, v in metrics.items()}
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from; the resumed run logs them again."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
