@@ -1,0 +1,222 @@
+"""Starting a run: a ready dataset, a saved config or a preset, and where to start from.
+
+Everything that decides whether a run may start is checked here against the one table in
+training.config, and the resulting flat config is frozen into Run.config_snapshot; the worker
+checks the snapshot again before it trains, so a row written by other means is refused too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django import forms
+from django.conf import settings
+from django.db import transaction
+
+from studio.models import WEIGHT_FIELDS, Checkpoint, Dataset, Run, TrainingConfig
+from training.config import (
+    BATCH_RANGES,
+    OPTIMIZATION_LEVELS,
+    TrainConfig,
+    UnsafeConfig,
+    batch_warning,
+    check_safe,
+    preset,
+)
+
+# TrainingConfig columns that map one-to-one onto TrainConfig.flat() names.
+_COLUMNS = {
+    "batch_size", "steps", "learning_rate", "lr_warmup_steps", "grad_clip_norm",
+    "grad_accum_steps", "eval_every", "checkpoint_every", "seed", "use_adaptive_weights",
+    "optimization_level", *WEIGHT_FIELDS,
+}  # fmt: skip
+
+
+def preset_config(owner, size: str, level: str) -> TrainingConfig:
+    """The owner's saved copy of a preset, made on first use so a run can point at it."""
+    flat = preset(size, level).flat()
+    name = f"Preset · {size} · {level.replace('_', ' ')}"
+    config = TrainingConfig.objects.filter(owner=owner, name=name).first()
+    if config is not None:
+        return config
+    columns = {k: v for k, v in flat.items() if k in _COLUMNS}
+    extra = {k: v for k, v in flat.items() if k not in _COLUMNS and k != "size"}
+    return TrainingConfig.objects.create(
+        owner=owner,
+        name=name,
+        description="Made from training.config.preset(); edit a copy to change it.",
+        model_size=size,
+        extra=extra,
+        **columns,
+    )
+
+
+def preset_summaries() -> dict:
+    """size -> level -> the few numbers a person picks a preset by (shown beside the form)."""
+    out: dict = {}
+    for size in BATCH_RANGES:
+        out[size] = {}
+        for level in OPTIMIZATION_LEVELS:
+            cfg = preset(size, level)
+            out[size][level] = {
+                "learning_rate": cfg.learning_rate,
+                "batch_size": cfg.batch_size,
+                "grad_clip_norm": cfg.grad_clip_norm,
+                "adaptive": cfg.loss.use_adaptive_weights,
+                "steps": cfg.steps,
+            }
+    return out
+
+
+class RunForm(forms.Form):
+    SOURCES = [
+        ("preset", "A preset (model size + optimization level)"),
+        ("config", "A saved config"),
+    ]
+    STARTS = [
+        ("scratch", "From scratch"),
+        ("resume", "Resume from a checkpoint (weights, optimiser and step)"),
+        ("finetune", "Fine-tune a checkpoint (its weights, a fresh optimiser)"),
+    ]
+
+    name = forms.CharField(max_length=200, required=False)
+    dataset = forms.ModelChoiceField(
+        queryset=Dataset.objects.none(),
+        help_text="Only preprocessed (ready) datasets can be trained on.",
+    )
+    source = forms.ChoiceField(choices=SOURCES, initial="preset", widget=forms.RadioSelect)
+    model_size = forms.ChoiceField(
+        choices=TrainingConfig.Size.choices, initial=TrainingConfig.Size.TINY, required=False
+    )
+    optimization_level = forms.ChoiceField(
+        choices=TrainingConfig.Level.choices, initial=TrainingConfig.Level.ENHANCED, required=False
+    )
+    config = forms.ModelChoiceField(queryset=TrainingConfig.objects.none(), required=False)
+    steps = forms.IntegerField(required=False, min_value=1, max_value=10_000_000)
+    batch_size = forms.IntegerField(required=False, min_value=1, max_value=4096)
+    eval_every = forms.IntegerField(required=False, min_value=1, max_value=10_000_000)
+    checkpoint_every = forms.IntegerField(required=False, min_value=1, max_value=10_000_000)
+    start = forms.ChoiceField(choices=STARTS, initial="scratch", widget=forms.RadioSelect)
+    checkpoint = forms.ModelChoiceField(queryset=Checkpoint.objects.none(), required=False)
+
+    OVERRIDES = ("steps", "batch_size", "eval_every", "checkpoint_every")
+
+    def __init__(self, user, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.user = user
+        self.warnings: list[str] = []
+        self.values: dict | None = None
+        self.fields["dataset"].queryset = (
+            Dataset.objects.visible_to(user)
+            .filter(status=Dataset.Status.READY)
+            .exclude(cache_dir="")
+        )
+        self.fields["config"].queryset = TrainingConfig.objects.visible_to(user)
+        self.fields["checkpoint"].queryset = Checkpoint.visible_to(user).order_by("-created")
+        self.fields["checkpoint"].label_from_instance = lambda c: c.label
+        for name in self.OVERRIDES:
+            self.fields[name].help_text = "Leave empty to use the config's value."
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        if data["source"] == "config":
+            config = data.get("config")
+            if config is None:
+                self.add_error("config", "Pick a saved config, or choose a preset instead.")
+                return data
+            values = config.values()
+        else:
+            size, level = data.get("model_size"), data.get("optimization_level")
+            if not size:
+                self.add_error("model_size", "Pick a model size.")
+            if not level:
+                self.add_error("optimization_level", "Pick an optimization level.")
+            if not (size and level):
+                return data
+            values = preset(size, level).flat()
+        for name in self.OVERRIDES:
+            if data.get(name) is not None:
+                values[name] = data[name]
+        values = TrainConfig.from_flat(values).flat()
+        try:
+            check_safe(values)
+        except UnsafeConfig as exc:
+            for name, message in exc.problems.items():
+                self.add_error(name if name in self.fields else None, f"{name}: {message}")
+            return data
+        if values["eval_every"] > values["steps"]:
+            self.warnings.append(
+                f"eval every {values['eval_every']} steps is more than the run's "
+                f"{values['steps']} steps: expect no eval samples before the end."
+            )
+        warning = batch_warning(values["size"], values["batch_size"])
+        if warning:
+            self.warnings.append(warning)
+        self._clean_start(data, values)
+        self.values = values
+        return data
+
+    def _clean_start(self, data: dict, values: dict) -> None:
+        start, ckpt = data["start"], data.get("checkpoint")
+        if start == "scratch":
+            data["checkpoint"] = None
+            return
+        if ckpt is None:
+            self.add_error("checkpoint", "Pick the checkpoint to start from.")
+            return
+        ckpt_size = (ckpt.run.config_snapshot or {}).get("size")
+        if ckpt_size and ckpt_size != values["size"]:
+            self.add_error(
+                "checkpoint",
+                f"That checkpoint is of a '{ckpt_size}' model; this config trains a "
+                f"'{values['size']}' one.",
+            )
+        if not Path(ckpt.path).is_file():
+            self.add_error("checkpoint", "That checkpoint's file is gone from the server.")
+        if start == "resume" and values["steps"] <= ckpt.step:
+            self.add_error(
+                "steps",
+                f"Resuming continues from step {ckpt.step}: train for more steps than that.",
+            )
+
+    @transaction.atomic
+    def save(self) -> Run:
+        data = self.cleaned_data
+        if data["source"] == "config":
+            config = data["config"]
+        else:
+            config = preset_config(self.user, data["model_size"], data["optimization_level"])
+        ckpt = data.get("checkpoint")
+        run = Run.objects.create(
+            owner=self.user,
+            name=data.get("name") or "",
+            dataset=data["dataset"],
+            config=config,
+            config_snapshot=self.values,
+            total_steps=self.values["steps"],
+            resume_from=ckpt if data["start"] == "resume" else None,
+            init_from=ckpt if data["start"] == "finetune" else None,
+        )
+        run.out_dir = str(Path(settings.STUDIO_RUNS_DIR) / str(run.pk))
+        run.save(update_fields=["out_dir"])
+        return run
+
+
+class ResumeForm(forms.Form):
+    """Resume a stopped run where it left off, optionally training it for longer."""
+
+    steps = forms.IntegerField(required=False, min_value=1, max_value=10_000_000)
+
+    def __init__(self, run: Run, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run = run
+
+    def clean_steps(self):
+        steps = self.cleaned_data.get("steps")
+        if steps is not None and steps <= self.run.current_step:
+            raise forms.ValidationError(
+                f"The run is at step {self.run.current_step}: pick more steps than that."
+            )
+        return steps
