@@ -1,0 +1,11 @@
+"""URLs of the synthesis area. The Gradio page itself is not here: it is mounted in the ASGI
+app under /synthesize/ (studio.synthesis_page)."""
+
+from django.urls import path
+
+from studio.views import api
+
+urlpatterns = [
+    path("api/token", api.token, name="api_token"),
+    path("api/synthesize", api.synthesize, name="api_synthesize"),
+]

@@ -1,0 +1,230 @@
+"""HTTP API for scripts: text (and a reference clip) in, WAV out.
+
+POST /api/token      username + password -> {"token": ...}
+POST /api/synthesize checkpoint, text [, reference file(s), speaker, language, speed, pitch,
+                     energy] -> audio/wav, with a session cookie or `Authorization: Bearer <token>`.
+
+Tokens are signed, not stored: they carry the user id and a fingerprint of the password hash,
+so changing the password revokes every token, and they expire after STUDIO_API_TOKEN_MAX_AGE.
+Every user mistake is a 4xx with {"error": "..."}; a 500 here is a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import threading
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth.decorators import login_not_required
+from django.core import signing
+from django.http import HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.utils.crypto import constant_time_compare, salted_hmac
+from django.views.decorators.csrf import csrf_exempt
+
+from studio.models import Checkpoint
+
+TOKEN_SALT = "studio.api.token"
+TOKEN_MAX_AGE = int(getattr(settings, "STUDIO_API_TOKEN_MAX_AGE", 30 * 24 * 3600))
+SYNTH_DEVICE = os.environ.get("STUDIO_SYNTH_DEVICE", "cpu")
+# Synthesis is CPU-heavy; more at once in one web process only makes every request slower.
+_synth_slots = threading.BoundedSemaphore(int(os.environ.get("STUDIO_SYNTH_CONCURRENCY", "1")))
+
+
+@functools.cache
+def _configure_threads_once() -> int:
+    from synthesis.engine import configure_cpu_threads
+
+    return configure_cpu_threads()
+
+
+def error(status: int, message: str) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def _password_fingerprint(user) -> str:
+    return salted_hmac(TOKEN_SALT, user.password).hexdigest()[:16]
+
+
+def make_token(user) -> str:
+    return signing.dumps(
+        {"u": user.pk, "p": _password_fingerprint(user)}, salt=TOKEN_SALT, compress=True
+    )
+
+
+def user_from_token(token: str):
+    try:
+        data = signing.loads(token, salt=TOKEN_SALT, max_age=TOKEN_MAX_AGE)
+    except signing.BadSignature:  # also SignatureExpired
+        return None
+    user = get_user_model().objects.filter(pk=data.get("u"), is_active=True).first()
+    if user is None or not constant_time_compare(data.get("p", ""), _password_fingerprint(user)):
+        return None
+    return user
+
+
+def _bearer(request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() in ("bearer", "token") and value.strip() else None
+
+
+def api_user(request):
+    """(user, via_token) from a bearer token or the session; (None, False) if neither."""
+    token = _bearer(request)
+    if token is not None:
+        return user_from_token(token), True
+    user = request.user
+    return (user, False) if user.is_authenticated else (None, False)
+
+
+def _csrf_failure(request):
+    """Session-authenticated writes need the CSRF token like any form; token callers do not,
+    because a bearer token is never sent by a browser on its own."""
+    return CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+
+
+@login_not_required
+@csrf_exempt
+def token(request):
+    if request.method != "POST":
+        return error(405, "POST username and password to get a token.")
+    fields = _fields(request)
+    if fields is None:
+        return error(400, "Send form fields or a JSON object.")
+    username, password = fields.get("username"), fields.get("password")
+    if not username or not password:
+        return error(400, "Give username and password.")
+    user = authenticate(request, username=str(username), password=str(password))
+    if user is None:
+        return error(401, "Wrong username or password.")
+    return JsonResponse({"token": make_token(user), "expires_in": TOKEN_MAX_AGE})
+
+
+# ----------------------------------------------------------------------------- synthesis
+
+
+def _fields(request) -> dict | None:
+    if request.content_type == "application/json":
+        try:
+            data = json.loads(request.body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+    return request.POST.dict()
+
+
+def _number(fields: dict, name: str, default: float) -> float:
+    value = fields.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if number != number:  # NaN
+        raise ValueError(f"{name} must be a number")
+    return number
+
+
+def _checkpoint_path(user, checkpoint_id):
+    ckpt = Checkpoint.visible_to(user).filter(pk=checkpoint_id).first()
+    return ckpt.path if ckpt is not None else None
+
+
+def _synthesize(path, text, references, speaker, lang, speed, pitch, energy):
+    from synthesis.engine import Synthesizer
+
+    _configure_threads_once()
+    with _synth_slots:
+        synth = Synthesizer(path, SYNTH_DEVICE)
+        embedding = synth.speaker_embedding(speaker=speaker, references=references or None)
+        return synth.synthesize(text, embedding, lang=lang, speed=speed, pitch=pitch, energy=energy)
+
+
+@login_not_required
+@csrf_exempt
+async def synthesize(request):
+    if request.method != "POST":
+        return error(405, "POST checkpoint, text and optionally a reference clip.")
+    user, via_token = await sync_to_async(api_user)(request)
+    if user is None:
+        return error(
+            401, "Sign in, or send Authorization: Bearer <token> (POST /api/token gets one)."
+        )
+    if not via_token and _csrf_failure(request) is not None:
+        return error(403, "CSRF check failed; send the csrftoken cookie's value as X-CSRFToken.")
+
+    max_ref = settings.STUDIO_MAX_REFERENCE_BYTES
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    # Refuse an oversized body before Django parses (and spools) it.
+    if declared.isdigit() and int(declared) > max_ref + 1024 * 1024:
+        return error(
+            413, f"The request is larger than the {max_ref // (1024 * 1024)} MB reference limit."
+        )
+    fields = _fields(request)
+    if fields is None:
+        return error(400, "Send form fields (multipart for a reference clip) or a JSON object.")
+
+    checkpoint_id = str(fields.get("checkpoint", "")).strip()
+    if not checkpoint_id.isdigit():
+        return error(400, "Give the checkpoint's id as `checkpoint`.")
+    text = fields.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return error(400, "Give the text to speak as `text`.")
+    max_chars = settings.STUDIO_MAX_SYNTH_CHARS
+    if len(text) > max_chars:
+        return error(400, f"The text is {len(text)} characters; the limit is {max_chars}.")
+    try:
+        speed = _number(fields, "speed", 1.0)
+        pitch = _number(fields, "pitch", 0.0)
+        energy = _number(fields, "energy", 1.0)
+    except ValueError as exc:
+        return error(400, str(exc))
+    lang = fields.get("language") or None
+    if lang not in (None, "en", "fa"):
+        return error(400, "language must be en or fa.")
+    speaker = fields.get("speaker") or None
+
+    uploads = request.FILES.getlist("reference") if request.FILES else []
+    for upload in uploads:
+        if upload.size > max_ref:
+            return error(
+                413, f"{upload.name} is over the {max_ref // (1024 * 1024)} MB reference limit."
+            )
+    references = [upload.read() for upload in uploads]
+
+    path = await sync_to_async(_checkpoint_path)(user, int(checkpoint_id))
+    if path is None:
+        return error(404, f"No checkpoint {checkpoint_id} that you may use.")
+
+    from synthesis.speaker import ReferenceAudioError
+    from training.checkpoint import CheckpointError
+
+    try:
+        out = await asyncio.to_thread(
+            _synthesize, path, text, references, speaker, lang, speed, pitch, energy
+        )
+    except ReferenceAudioError as exc:
+        return error(400, str(exc))
+    except CheckpointError as exc:
+        return error(409, f"The checkpoint cannot be used: {exc}")
+    except FileNotFoundError:
+        return error(409, "The checkpoint's file is gone from the server.")
+    except ValueError as exc:
+        return error(400, str(exc))
+
+    response = HttpResponse(out.wav_bytes(), content_type="audio/wav")
+    response["Content-Disposition"] = 'attachment; filename="speech.wav"'
+    response["X-Sample-Rate"] = str(out.sample_rate)
+    response["X-Audio-Seconds"] = f"{out.duration_s:.3f}"
+    response["X-Real-Time-Factor"] = f"{out.timings['rtf']:.3f}"
+    return response

@@ -1,0 +1,256 @@
+"""The "Voice out" page: pick a checkpoint, type, give a voice, listen.
+
+Built from plain callables so this module knows nothing of Django: the studio passes in how to
+list a user's checkpoints, how to turn a checkpoint id into a file for that user (or refuse), and
+how to list a checkpoint's seen speakers. The user is whoever the mount's auth dependency says
+(`gr.Request.username`); a request without one gets nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from synthesis import engine
+from synthesis import evaluate as scores
+from synthesis.speaker import ReferenceAudioError
+
+VOICE_REFERENCE = "reference"
+VOICE_SEEN = "seen"
+LANGUAGES = [("The checkpoint's language", "auto"), ("English", "en"), ("Persian", "fa")]
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    id: str
+    run: str
+    step: int
+    val_loss: float | None = None
+
+    @property
+    def label(self) -> str:
+        val = f" · val loss {self.val_loss:.3f}" if self.val_loss is not None else ""
+        return f"{self.run} · step {self.step}{val}"
+
+
+@dataclass
+class PageSources:
+    """What the page needs from the studio; every callable gets the signed-in user's id first."""
+
+    list_checkpoints: Callable[[str], list[CheckpointChoice]]
+    resolve_checkpoint: Callable[[str, str], str | Path | None]
+    # None: read the speakers from the checkpoint file itself.
+    list_speakers: Callable[[str, str], list[str]] | None = None
+    device: str = "auto"
+    max_chars: int = 2000
+    home_url: str = "/"
+
+
+def mel_picture(mel: np.ndarray, sample_rate: int, hop_length: int) -> np.ndarray:
+    """RGB array of the log-mel, time in seconds along x. Figure/Agg, not pyplot: pyplot keeps
+    global state that concurrent requests would trample."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 2.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    seconds = mel.shape[1] * hop_length / sample_rate
+    ax.imshow(
+        mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, mel.shape[0])
+    )
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("mel band")
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _shadow_zope_marker() -> None:
+    """Let Gradio build components in a process that has imported Twisted (Daphne does).
+
+    Twisted's `@implementer` on a subclass of abc.ABC makes zope.interface put a ClassProvides
+    descriptor named `__provides__` on ABC itself, and that descriptor raises AttributeError
+    when read through an instance of any other ABC subclass. Gradio's components are ABC
+    subclasses that getattr() every name in dir() while being built, so they fail with
+    "AttributeError: __provides__". A plain attribute on Gradio's component base class comes
+    first in the lookup and hides the marker; nothing asks zope about Gradio components.
+    """
+    from gradio.components.base import ComponentBase
+
+    if "__provides__" not in vars(ComponentBase):
+        ComponentBase.__provides__ = None
+
+
+def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.Blocks:
+    _shadow_zope_marker()
+
+    def user_of(request: gr.Request | None) -> str:
+        user = getattr(request, "username", None)
+        if not user:
+            raise gr.Error("Sign in to use the synthesis page.")
+        return str(user)
+
+    def checkpoint_path(user: str, checkpoint_id: str | None) -> Path:
+        if not checkpoint_id:
+            raise gr.Error("Pick a checkpoint first.")
+        path = sources.resolve_checkpoint(user, str(checkpoint_id))
+        if path is None:
+            raise gr.Error("That checkpoint does not exist or is not yours.")
+        return Path(path)
+
+    def list_checkpoints(request: gr.Request):
+        choices = sources.list_checkpoints(user_of(request))
+        options = [(c.label, c.id) for c in choices]
+        return gr.Dropdown(choices=options, value=options[0][1] if options else None)
+
+    def list_speakers(checkpoint_id: str | None, request: gr.Request):
+        user = user_of(request)
+        if not checkpoint_id:
+            return gr.Dropdown(choices=[], value=None)
+        if sources.list_speakers is not None:
+            names = sources.list_speakers(user, str(checkpoint_id))
+        else:
+            try:
+                names = engine.Synthesizer(
+                    checkpoint_path(user, checkpoint_id), sources.device
+                ).speakers
+            except (ValueError, FileNotFoundError) as exc:
+                raise gr.Error(str(exc)) from exc
+        return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    def synthesize(
+        checkpoint_id: str | None,
+        text: str,
+        language: str,
+        voice: str,
+        reference: str | None,
+        speaker: str | None,
+        speed: float,
+        pitch: float,
+        energy: float,
+        request: gr.Request,
+    ):
+        user = user_of(request)
+        if not text or not text.strip():
+            raise gr.Error("Type some text to speak.")
+        if len(text) > sources.max_chars:
+            raise gr.Error(f"The text is {len(text)} characters; the limit is {sources.max_chars}.")
+        path = checkpoint_path(user, checkpoint_id)
+        try:
+            synth = engine.Synthesizer(path, sources.device)
+            if voice == VOICE_REFERENCE:
+                if not reference:
+                    raise gr.Error("Upload or record a reference clip, or choose a seen speaker.")
+                target = synth.speaker_embedding(references=reference)
+                against = "the reference clip"
+            else:
+                if not speaker:
+                    raise gr.Error("This checkpoint has no seen speakers; give a reference clip.")
+                target = synth.speaker_embedding(speaker=speaker)
+                against = f"the mean voice of {speaker}"
+            out = synth.synthesize(
+                text,
+                target,
+                lang=None if language in (None, "", "auto") else language,
+                speed=speed,
+                pitch=pitch,
+                energy=energy,
+            )
+        except (ReferenceAudioError, ValueError, FileNotFoundError) as exc:
+            raise gr.Error(str(exc)) from exc
+        similarity = scores.secs(scores.embed_audio(out.audio, out.sample_rate), target)
+        t = out.timings
+        notes = [
+            f"**Speaker similarity** of the output to {against}: **{similarity:.3f}** "
+            "(cosine of speaker embeddings; the same person in two real clips scores about 0.8-0.9).",
+            f"{out.duration_s:.1f} s of audio in {t['total_s']:.2f} s "
+            f"(real-time factor {t['rtf']:.2f}; model {t['model_s']:.2f} s, vocoder {t['vocoder_s']:.2f} s), "
+            f"{len(out.chunks)} sentence{'s' if len(out.chunks) != 1 else ''}.",
+        ]
+        if out.dropped:
+            notes.append("Skipped characters this model cannot say: " + " ".join(out.dropped))
+        picture = mel_picture(out.mel, out.sample_rate, synth.loaded.audio.hop_length)
+        return out.wav_bytes(), picture, round(similarity, 4), "\n\n".join(notes)
+
+    # Voices and generated audio stay in Gradio's cache only for an hour.
+    with gr.Blocks(title=title, delete_cache=(900, 3600), analytics_enabled=False) as page:
+        gr.Markdown(
+            f"[← Studio]({sources.home_url}) · **{title}** — type text, give a voice, listen. "
+            "Only your own checkpoints are listed."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                checkpoint = gr.Dropdown(
+                    label="Checkpoint (run · step · validation loss)",
+                    choices=[],
+                    allow_custom_value=True,
+                )
+                text = gr.Textbox(
+                    label="Text",
+                    lines=4,
+                    max_length=sources.max_chars,
+                    placeholder="The quick brown fox jumps over the lazy dog.",
+                )
+                language = gr.Dropdown(label="Language", choices=LANGUAGES, value="auto")
+                voice = gr.Radio(
+                    label="Voice",
+                    choices=[
+                        ("Reference clip (upload or record)", VOICE_REFERENCE),
+                        ("Seen speaker", VOICE_SEEN),
+                    ],
+                    value=VOICE_SEEN,
+                )
+                reference = gr.Audio(
+                    label="Reference clip: 3-30 s of one person speaking",
+                    sources=["upload", "microphone"],
+                    type="filepath",
+                    visible=False,
+                )
+                speaker = gr.Dropdown(label="Seen speaker", choices=[], allow_custom_value=True)
+                with gr.Row():
+                    speed = gr.Slider(*engine.SPEED_RANGE, value=1.0, step=0.05, label="Speed")
+                    pitch = gr.Slider(
+                        *engine.PITCH_RANGE, value=0.0, step=0.5, label="Pitch (semitones)"
+                    )
+                    energy = gr.Slider(*engine.ENERGY_RANGE, value=1.0, step=0.05, label="Energy")
+                go = gr.Button("Synthesise", variant="primary")
+            with gr.Column(scale=2):
+                audio = gr.Audio(
+                    label="Output",
+                    type="filepath",
+                    format="wav",
+                    buttons=["download"],
+                    interactive=False,
+                )
+                picture = gr.Image(label="Mel spectrogram", type="numpy", interactive=False)
+                similarity = gr.Number(
+                    label="Speaker similarity (SECS)", precision=3, interactive=False
+                )
+                notes = gr.Markdown()
+
+        page.load(list_checkpoints, inputs=None, outputs=checkpoint, api_visibility="undocumented")
+        voice.change(
+            lambda v: (
+                gr.Audio(visible=v == VOICE_REFERENCE),
+                gr.Dropdown(visible=v == VOICE_SEEN),
+            ),
+            inputs=voice,
+            outputs=[reference, speaker],
+            api_visibility="private",
+            queue=False,
+        )
+        checkpoint.change(
+            list_speakers, inputs=checkpoint, outputs=speaker, api_visibility="undocumented"
+        )
+        go.click(
+            synthesize,
+            inputs=[checkpoint, text, language, voice, reference, speaker, speed, pitch, energy],
+            outputs=[audio, picture, similarity, notes],
+            api_name="synthesize",
+        )
+    return page

@@ -1,0 +1,213 @@
+"""POST /api/synthesize and POST /api/token: WAV out for signed-in users and token holders,
+a clear 4xx for every mistake. `studio_checkpoint` is imported by test_synthesis_page."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from django.test import Client
+from test_synthesis_speaker import espeak_speech
+
+from studio.models import Checkpoint, Dataset, Run, TrainingConfig
+from training.checkpoint import save_checkpoint
+from training.model import MODEL_SIZES, TTSModel
+from training.text import Frontend, SymbolTable
+
+pytestmark = pytest.mark.django_db
+
+WORDS = "the quick brown fox jumps over the lazy dog hello there how are you"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """The studio sets one torch thread for synthesis (engine.configure_cpu_threads); put the
+    session's setting back for the test modules that run after this one."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def studio_checkpoint(owner, folder: Path, name: str = "run") -> Checkpoint:
+    """A real (untrained) tiny checkpoint file and the rows that make it the owner's."""
+    frontend = Frontend("en")
+    symbols = SymbolTable.from_tokens([frontend.tokens(WORDS + ".,?!")])
+    model = TTSModel(MODEL_SIZES["tiny"], len(symbols))
+    voice = np.random.default_rng(0).standard_normal(256)
+    path = save_checkpoint(
+        folder / f"{name}.pt",
+        {"model": model.state_dict(), "model_config": MODEL_SIZES["tiny"].to_dict(), "size": "tiny",
+         "symbols": symbols.to_list(), "text": {"lang": "en", "backend": frontend.backend}, "step": 7,
+         "speakers": {"narrator": (voice / np.linalg.norm(voice)).tolist()}, "val_loss": 1.25},
+    )  # fmt: skip
+    dataset = Dataset.objects.create(owner=owner, name=f"{name} data")
+    config = TrainingConfig.objects.create(owner=owner, name=f"{name} config")
+    run = Run.objects.create(owner=owner, name=name, dataset=dataset, config=config)
+    return Checkpoint.objects.create(run=run, step=7, path=str(path), val_loss=1.25)
+
+
+@pytest.fixture
+def ckpt(user, tmp_path):
+    return studio_checkpoint(user, tmp_path, "alice-run")
+
+
+def wav_of(response) -> tuple[np.ndarray, int]:
+    assert response["Content-Type"] == "audio/wav", response.content[:200]
+    return sf.read(io.BytesIO(response.content), dtype="float32")
+
+
+def speech_file(seconds_of_text: str = WORDS) -> io.BytesIO:
+    wav, sr = espeak_speech(seconds_of_text)
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format="WAV")
+    buf.seek(0)
+    buf.name = "me.wav"
+    return buf
+
+
+URL = "/api/synthesize"
+
+
+def test_anonymous_is_refused_with_401_not_a_login_page(client, ckpt):
+    response = client.post(URL, {"checkpoint": ckpt.pk, "text": "hello"})
+    assert response.status_code == 401
+    assert "Bearer" in response.json()["error"]
+
+
+def test_only_post(client_user):
+    assert client_user.get(URL).status_code == 405
+
+
+def test_session_user_gets_a_wav(client_user, ckpt):
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "Hello there. How are you?"})
+    assert response.status_code == 200
+    wav, sr = wav_of(response)
+    assert sr == 22050 and len(wav) > 0
+    assert float(response["X-Audio-Seconds"]) == pytest.approx(len(wav) / sr, abs=1e-3)
+    assert 'filename="speech.wav"' in response["Content-Disposition"]
+
+
+def test_session_writes_need_the_csrf_token(user, ckpt):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    response = browser.post(URL, {"checkpoint": ckpt.pk, "text": "hello"})
+    assert response.status_code == 403 and "CSRF" in response.json()["error"]
+
+
+def test_token_auth(client, user, ckpt):
+    assert client.post("/api/token", {"username": "alice", "password": "wrong"}).status_code == 401
+    assert client.post("/api/token", {"username": "alice"}).status_code == 400
+    token = client.post("/api/token", {"username": "alice", "password": "alice-pass-123"}).json()[
+        "token"
+    ]
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    response = Client(enforce_csrf_checks=True).post(
+        URL, {"checkpoint": ckpt.pk, "text": "hello"}, **auth
+    )
+    assert response.status_code == 200
+    wav_of(response)
+    # JSON bodies work too.
+    response = client.post(
+        URL,
+        {"checkpoint": ckpt.pk, "text": "hello", "speed": 1.5},
+        content_type="application/json",
+        **auth,
+    )
+    assert response.status_code == 200
+    # A forged token, and every token after a password change, are refused.
+    assert (
+        client.post(
+            URL, {"checkpoint": ckpt.pk, "text": "hi"}, HTTP_AUTHORIZATION=f"Bearer {token}x"
+        ).status_code
+        == 401
+    )
+    user.set_password("a-new-pass-456")
+    user.save()
+    assert client.post(URL, {"checkpoint": ckpt.pk, "text": "hi"}, **auth).status_code == 401
+
+
+def test_someone_elses_checkpoint_looks_missing(client_user, other_user, tmp_path):
+    theirs = studio_checkpoint(other_user, tmp_path, "bob-run")
+    response = client_user.post(URL, {"checkpoint": theirs.pk, "text": "hello"})
+    assert response.status_code == 404
+    assert client_user.post(URL, {"checkpoint": 999999, "text": "hello"}).status_code == 404
+
+
+def test_staff_may_use_any_checkpoint(client, staff_user, other_user, tmp_path):
+    theirs = studio_checkpoint(other_user, tmp_path, "bob-run")
+    client.force_login(staff_user)
+    assert client.post(URL, {"checkpoint": theirs.pk, "text": "hello"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"checkpoint": "", "text": "hello"}, "checkpoint"),
+        ({"checkpoint": "abc", "text": "hello"}, "checkpoint"),
+        ({"text": ""}, "text"),
+        ({"text": "   "}, "text"),
+        ({"text": "hello", "speed": "fast"}, "speed must be a number"),
+        ({"text": "hello", "speed": "nan"}, "speed must be a number"),
+        ({"text": "hello", "speed": "9"}, "speed must be between"),
+        ({"text": "hello", "pitch": "-40"}, "pitch must be between"),
+        ({"text": "hello", "language": "de"}, "language"),
+        ({"text": "hello", "speaker": "nobody"}, "no speaker 'nobody'"),
+        ({"text": "... ?!"}, "Nothing to say"),
+    ],
+)
+def test_user_mistakes_are_400_with_a_message(client_user, ckpt, fields, words):
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, **fields})
+    assert response.status_code == 400, response.content
+    assert words in response.json()["error"]
+    # The same mistakes as JSON.
+    response = client_user.post(
+        URL, {"checkpoint": ckpt.pk, **fields}, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content
+    assert words in response.json()["error"]
+
+
+def test_text_length_limit(client_user, ckpt, settings):
+    settings.STUDIO_MAX_SYNTH_CHARS = 40
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello " * 10})
+    assert response.status_code == 400 and "limit is 40" in response.json()["error"]
+
+
+def test_a_reference_clip_sets_the_voice(client_user, ckpt):
+    response = client_user.post(
+        URL, {"checkpoint": ckpt.pk, "text": "hello", "reference": speech_file()}
+    )
+    assert response.status_code == 200
+    wav_of(response)
+
+
+def test_bad_reference_clips_are_400(client_user, ckpt):
+    silent = io.BytesIO()
+    sf.write(silent, np.zeros(22050 * 4, dtype=np.float32), 22050, format="WAV")
+    silent.seek(0)
+    silent.name = "quiet.wav"
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello", "reference": silent})
+    assert response.status_code == 400 and "silent" in response.json()["error"]
+    junk = io.BytesIO(b"not audio at all" * 100)
+    junk.name = "junk.wav"
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello", "reference": junk})
+    assert response.status_code == 400 and "Could not read" in response.json()["error"]
+
+
+def test_reference_upload_size_limit(client_user, ckpt, settings):
+    settings.STUDIO_MAX_REFERENCE_BYTES = 10_000
+    response = client_user.post(
+        URL, {"checkpoint": ckpt.pk, "text": "hello", "reference": speech_file()}
+    )
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def test_a_checkpoint_whose_file_is_gone_is_409(client_user, ckpt):
+    Path(ckpt.path).unlink()
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello"})
+    assert response.status_code == 409 and "checkpoint" in response.json()["error"]

@@ -1,0 +1,230 @@
+"""Objective scores on the checkpoint rows of the run page: the task, the button, the hook.
+
+A `tiny` checkpoint trained here for two steps on the session's synthetic corpus is enough:
+the numbers mean little, but every stage runs for real (synthesis, Resemblyzer, DTW,
+pocketsphinx). One test runs a whole tiny run through a real Celery worker and watches the
+best checkpoint's scores reach the page's WebSocket, then asks for another one by the button.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from asgiref.sync import sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from studio.models import Checkpoint, Run
+from studio.routing import websocket_urlpatterns
+from studio.tasks_scores import SCORE_UTTERANCES, score_checkpoint
+from studio.tasks_training import queue_run
+from tests.fixtures_audio import feature_cache
+from tests.fixtures_runs import tiny_run
+from training.config import TrainConfig
+from training.trainer import Trainer
+
+DONE = {
+    "state": "done", "scored_at": "2025-01-01T00:00:00+00:00", "n": 4, "n_utterances": 3,
+    "secs_seen": 0.6318, "secs_real_same_speaker": 0.89, "secs_real_different_speakers": 0.56,
+    "mcd_db": 6.0908, "wer_output": 1.0, "wer_ground_truth": 0.5, "rtf": 0.0395,
+    "utterances": [{"id": "x", "secs": 0.6}],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    cfg = TrainConfig(
+        size="tiny", batch_size=4, steps=2, eval_every=2, checkpoint_every=2,
+        lr_warmup_steps=1, learning_rate=2e-3, device="cpu",
+    )  # fmt: skip
+    result = Trainer(cfg, feature_cache(), tmp_path_factory.mktemp("scores") / "run").run()
+    assert result.status == "finished"
+    return Path(result.last_checkpoint)
+
+
+def checkpoint_row(run: Run, path, step: int = 2, **fields) -> Checkpoint:
+    return Checkpoint.objects.create(run=run, step=step, path=str(path), **fields)
+
+
+def fresh(ckpt: Checkpoint) -> dict:
+    return Checkpoint.objects.values_list("scores", flat=True).get(pk=ckpt.pk)
+
+
+# --------------------------------------------------------------------------- the task
+
+
+@pytest.mark.django_db
+def test_the_task_scores_a_trained_checkpoint_and_keeps_the_threads(user, trained_checkpoint):
+    ckpt = checkpoint_row(tiny_run(user), trained_checkpoint, is_best=True)
+    torch.set_num_threads(2)
+    try:
+        assert score_checkpoint(ckpt.pk) == "done"
+        assert torch.get_num_threads() == 2  # one thread while scoring, then given back
+    finally:
+        torch.set_num_threads(2)
+    scores = fresh(ckpt)
+    assert scores["state"] == "done" and scores["n"] == SCORE_UTTERANCES
+    assert datetime.fromisoformat(scores["scored_at"]).tzinfo is not None
+    assert 1 <= scores["n_utterances"] <= SCORE_UTTERANCES and scores["step"] == 2
+    assert -1.0 <= scores["secs_seen"] <= 1.0
+    assert scores["mcd_db"] > 0 and math.isfinite(scores["mcd_db"])
+    assert scores["wer_output"] >= 0 and scores["wer_ground_truth"] >= 0
+    assert scores["rtf"] > 0
+    assert len(scores["utterances"]) == scores["n_utterances"]
+
+
+@pytest.mark.django_db
+def test_a_broken_or_missing_checkpoint_is_stored_as_a_readable_error(user, tmp_path):
+    run = tiny_run(user)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a torch file" * 10)
+    broken = checkpoint_row(run, garbage, step=2)
+    missing = checkpoint_row(run, tmp_path / "gone.pt", step=4)
+
+    assert score_checkpoint(broken.pk) == "error"
+    assert score_checkpoint(missing.pk) == "error"
+    scores = fresh(broken)
+    assert scores["state"] == "error" and scores["n"] == SCORE_UTTERANCES and scores["scored_at"]
+    assert "not a readable checkpoint" in scores["error"] and "garbage.pt" in scores["error"]
+    assert fresh(missing)["error"] == f"the checkpoint file {tmp_path / 'gone.pt'} is missing"
+    assert score_checkpoint(10**9) == "gone"
+
+
+# --------------------------------------------------------------------------- the button
+
+
+@pytest.fixture
+def run_with_checkpoint(user, trained_checkpoint):
+    run = tiny_run(user)
+    return run, checkpoint_row(run, trained_checkpoint, is_best=True)
+
+
+@pytest.mark.django_db
+def test_score_button_queues_once_and_the_row_says_scoring(
+    client_user, run_with_checkpoint, django_capture_on_commit_callbacks
+):
+    run, ckpt = run_with_checkpoint
+    url = f"/runs/checkpoints/{ckpt.pk}/score/"
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert f'action="{url}"' in page and "scoring…" not in page
+
+    with django_capture_on_commit_callbacks() as sent:
+        answer = client_user.post(url)
+    assert answer.status_code == 302 and answer["Location"] == run.get_absolute_url()
+    assert len(sent) == 2  # the task to the cpu queue, and the row to open pages
+    assert fresh(ckpt)["state"] == "queued"
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert "scoring…" in page and f'action="{url}"' not in page
+
+    with django_capture_on_commit_callbacks() as again:
+        client_user.post(url)
+    assert again == []  # a second click while it is queued sends nothing
+    assert client_user.get(url).status_code == 405
+
+
+@pytest.mark.django_db
+def test_only_the_owner_and_staff_may_score(
+    client, user, other_user, staff_user, run_with_checkpoint, django_capture_on_commit_callbacks
+):
+    _, ckpt = run_with_checkpoint
+    url = f"/runs/checkpoints/{ckpt.pk}/score/"
+    anonymous = client.post(url)
+    assert anonymous.status_code == 302 and "/accounts/login/" in anonymous["Location"]
+    client.force_login(other_user)
+    assert client.post(url).status_code == 404
+    assert fresh(ckpt) == {}
+    client.force_login(staff_user)
+    with django_capture_on_commit_callbacks():
+        assert client.post(url).status_code == 302
+    assert fresh(ckpt)["state"] == "queued"
+
+
+@pytest.mark.django_db
+def test_the_button_needs_the_csrf_token_the_page_gives(user, run_with_checkpoint):
+    run, ckpt = run_with_checkpoint
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    url = f"/runs/checkpoints/{ckpt.pk}/score/"
+    assert browser.post(url).status_code == 403
+    page = browser.get(run.get_absolute_url()).content.decode()
+    form = re.search(rf'<form method="post" action="{url}".*?</form>', page, re.S).group(0)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
+    assert browser.post(url, {"csrfmiddlewaretoken": token}).status_code == 302
+
+
+@pytest.mark.django_db
+def test_the_row_shows_scores_and_errors(client_user, user, trained_checkpoint):
+    run = tiny_run(user)
+    checkpoint_row(run, trained_checkpoint, step=2, scores=DONE)
+    checkpoint_row(
+        run, trained_checkpoint, step=4, scores={"state": "error", "error": "the file is gone"}
+    )
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert "SECS 0.63" in page and "MCD 6.09 dB" in page and "RTF 0.040" in page
+    assert "WER 100 % vs 50 % GT" in page and "on 3 utterances" in page
+    assert "Not scored: the file is gone" in page
+
+
+# --------------------------------------------------------------------------- through a worker
+
+
+def _scores_in(msg: dict) -> dict[int, dict]:
+    return {c["step"]: c["scores"] for c in msg.get("checkpoints", [])}
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+async def test_a_finished_run_scores_its_best_checkpoint_and_the_page_hears_it(
+    user, celery_worker, tmp_path
+):
+    run = await sync_to_async(tiny_run)(user, steps=4, checkpoint_every=2, eval_every=4)
+    # A folder of its own: run ids repeat between tests, and a runs/<id> folder another module
+    # left behind would be resumed from.
+    run.out_dir = str(tmp_path / "run")
+    await sync_to_async(run.save)(update_fields=["out_dir"])
+    comm = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/runs/{run.pk}/")
+    comm.scope["user"] = user
+    assert (await comm.connect(timeout=5))[0]
+    await comm.receive_json_from(timeout=5)  # the history
+    await sync_to_async(queue_run)(run)
+
+    async def until_scored(step: int) -> dict:
+        seen_pending = False
+        while True:
+            msg = await comm.receive_json_from(timeout=120)
+            assert msg.get("status", {}).get("status") != "failed", msg["status"]["error"]
+            scores = _scores_in(msg).get(step, {})
+            seen_pending |= bool(scores.get("pending"))
+            if scores.get("state") in ("done", "error"):
+                assert seen_pending, "the row never said scoring…"
+                return scores
+
+    best = await until_scored(4)
+    assert best["state"] == "done", best
+    assert "utterances" not in best  # the page gets the means; per-utterance rows stay stored
+    assert best["secs_seen"] is not None and best["mcd_db"] > 0 and best["rtf"] > 0
+
+    def stored():
+        run.refresh_from_db()
+        assert run.status == Run.Status.SUCCEEDED, run.error
+        first = run.checkpoints.get(step=2)
+        assert run.checkpoints.get(step=4).is_best and first.scores == {}
+        return first
+
+    first = await sync_to_async(stored)()
+
+    def press_score():
+        browser = Client()
+        browser.force_login(user)
+        return browser.post(f"/runs/checkpoints/{first.pk}/score/").status_code
+
+    assert await sync_to_async(press_score)() == 302
+    on_demand = await until_scored(2)
+    assert on_demand["state"] == "done" and on_demand["n"] == SCORE_UTTERANCES
+    await comm.disconnect()

@@ -1,0 +1,165 @@
+"""The Gradio page behind the studio login: anonymous requests never reach Gradio, a user sees
+only their checkpoints, and a gradio_client call against the running app returns audio.
+
+The app under test is `with_synthesis_page(<Django's ASGI app>)`, served by uvicorn in a thread
+with lifespan off (as Daphne serves it), so the gate's own Gradio start-up is what runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import soundfile as sf
+from django.core.asgi import get_asgi_application
+from django.test import Client
+from test_api_synthesize import studio_checkpoint
+
+from studio.synthesis_page import checkpoint_choices, checkpoint_file, with_synthesis_page
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """The studio sets one torch thread for synthesis (engine.configure_cpu_threads); put the
+    session's setting back for the test modules that run after this one."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def app():
+    return with_synthesis_page(get_asgi_application())
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def session_cookie(user) -> str:
+    browser = Client()
+    browser.force_login(user)
+    return f"sessionid={browser.cookies['sessionid'].value}"
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/synthesize/config"),
+        ("GET", "/synthesize/gradio_api/info"),
+        ("POST", "/synthesize/gradio_api/queue/join"),
+        ("POST", "/synthesize/gradio_api/upload"),
+        ("GET", "/synthesize/gradio_api/file=/etc/passwd"),
+        ("GET", "/synthesize/assets/index.js"),
+    ],
+)
+def test_anonymous_requests_never_reach_gradio(server, method, path):
+    response = httpx.request(method, server + path, follow_redirects=False)
+    assert response.status_code == 401
+    assert "Sign in" in response.json()["error"]
+
+
+def test_anonymous_visitors_are_sent_to_the_sign_in_page(server):
+    for path in ("/synthesize", "/synthesize/"):
+        response = httpx.get(server + path, follow_redirects=False)
+        assert response.status_code == 302
+        assert response.headers["location"] == "/accounts/login/?next=/synthesize/"
+
+
+def test_a_forged_session_is_anonymous(server):
+    response = httpx.get(server + "/synthesize/config", headers={"Cookie": "sessionid=forged"})
+    assert response.status_code == 401
+
+
+def test_the_rest_of_the_studio_is_still_django(server):
+    response = httpx.get(server + "/accounts/login/", follow_redirects=False)
+    assert response.status_code == 200 and "csrfmiddlewaretoken" in response.text
+
+
+def test_users_list_only_their_checkpoints(user, other_user, staff_user, tmp_path):
+    mine = studio_checkpoint(user, tmp_path, "alice-run")
+    theirs = studio_checkpoint(other_user, tmp_path, "bob-run")
+    assert [c.id for c in checkpoint_choices(str(user.pk))] == [str(mine.pk)]
+    assert [c.id for c in checkpoint_choices(str(other_user.pk))] == [str(theirs.pk)]
+    assert {c.id for c in checkpoint_choices(str(staff_user.pk))} == {str(mine.pk), str(theirs.pk)}
+    choice = checkpoint_choices(str(user.pk))[0]
+    assert choice.label == "alice-run · step 7 · val loss 1.250"
+    assert checkpoint_file(str(user.pk), str(mine.pk)) is not None
+    assert checkpoint_file(str(user.pk), str(theirs.pk)) is None
+    assert checkpoint_file(str(user.pk), "../../etc") is None
+    assert checkpoint_file(str(staff_user.pk), str(theirs.pk)) is not None
+
+
+def test_signed_in_user_gets_the_page(server, user):
+    response = httpx.get(
+        server + "/synthesize/", headers={"Cookie": session_cookie(user)}, timeout=60
+    )
+    assert response.status_code == 200
+    assert "gradio" in response.text.lower()
+
+
+def test_cross_site_posts_are_refused(server, user):
+    headers = {"Cookie": session_cookie(user), "Origin": "https://evil.example"}
+    response = httpx.post(
+        server + "/synthesize/gradio_api/queue/join", headers=headers, json={}, timeout=60
+    )
+    assert response.status_code == 403
+
+
+def test_gradio_client_call_returns_audio(server, user, other_user, tmp_path):
+    from gradio_client import Client as GradioClient
+    from gradio_client.exceptions import AppError
+
+    mine = studio_checkpoint(user, tmp_path, "alice-run")
+    theirs = studio_checkpoint(other_user, tmp_path, "bob-run")
+    client = GradioClient(
+        server + "/synthesize/",
+        headers={"Cookie": session_cookie(user)},
+        download_files=str(tmp_path / "downloads"),
+        verbose=False,
+        analytics_enabled=False,
+    )
+    args = ("Hello there. How are you?", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0)
+    audio, picture, similarity, notes = client.predict(str(mine.pk), *args, api_name="/synthesize")
+    wav, sr = sf.read(audio)
+    assert sr == 22050 and len(wav) > 0
+    assert -1.0 <= similarity <= 1.0
+    assert "Speaker similarity" in notes and "2 sentences" in notes
+    assert picture is not None
+    # Someone else's checkpoint id, sent by hand, is refused like a missing one.
+    with pytest.raises(AppError, match="not yours"):
+        client.predict(str(theirs.pk), *args, api_name="/synthesize")
+
+
+async def test_the_studio_asgi_application_serves_the_gate():
+    from studio.asgi import application
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as browser:
+        response = await browser.get("/synthesize/")
+        assert response.status_code == 302
+        assert response.headers["location"].startswith("/accounts/login/")
+        assert (await browser.get("/synthesize/gradio_api/info")).status_code == 401
