@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from django import forms
-from django.conf import settings
 from django.db import transaction
 
 from studio.models import WEIGHT_FIELDS, Checkpoint, Dataset, Run, TrainingConfig
@@ -199,8 +198,7 @@ class RunForm(forms.Form):
             resume_from=ckpt if data["start"] == "resume" else None,
             init_from=ckpt if data["start"] == "finetune" else None,
         )
-        run.out_dir = str(Path(settings.STUDIO_RUNS_DIR) / str(run.pk))
-        run.save(update_fields=["out_dir"])
+        run.assign_out_dir()
         return run
 
 

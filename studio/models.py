@@ -6,6 +6,9 @@ a stored config into a training config) lives here, so views and tasks stay thin
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
@@ -401,6 +404,21 @@ class Run(Owned):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_flat(self.config_snapshot)
+
+    def assign_out_dir(self) -> None:
+        """Give the run a folder of its own that no other run has used.
+
+        The worker resumes from whatever checkpoints lie in this folder, so a reused id (a
+        database reset while the data folder stays, or test databases) must never land in
+        an old run's folder: the id is followed by a random suffix.
+        """
+        runs = Path(settings.STUDIO_RUNS_DIR)
+        while True:
+            folder = runs / f"{self.pk}-{secrets.token_hex(4)}"
+            if not folder.exists():
+                break
+        self.out_dir = str(folder)
+        self.save(update_fields=["out_dir"])
 
     def request_cancel(self) -> None:
         """The worker polls this flag through should_stop(); a queued run is cancelled at once."""

@@ -518,8 +518,7 @@ def claim(run_id: int, ident: str, host: str) -> tuple[Run | None, str]:
             how = "resume"
         run.mark_running(ident)
         if not run.out_dir:
-            run.out_dir = str(Path(settings.STUDIO_RUNS_DIR) / str(run.pk))
-            run.save(update_fields=["out_dir"])
+            run.assign_out_dir()
         return run, how
 
 

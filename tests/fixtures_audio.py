@@ -7,6 +7,7 @@ embedding, tokens). Built once per test session and shared by the modules that a
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from pathlib import Path
@@ -24,6 +25,58 @@ TEXTS = (
     "Open the window now.",
 )
 _lock = threading.Lock()
+
+
+# espeak-ng keeps one C state per loaded library: one callback, one voice, one pitch. Every
+# test module speaks through this one helper, because a second module registering its own
+# callback on the same library leaves the first one calling freed memory (a segfault seen
+# when the whole suite ran in one process).
+_espeak = None
+_espeak_lock = threading.Lock()
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+_ESPEAK_PITCH = 3  # espeakPITCH
+DEFAULT_PITCH = 50
+
+
+def espeak_speech(
+    text: str, voice: str = "en-us", pitch: int = DEFAULT_PITCH
+) -> tuple[np.ndarray, int]:
+    """Speech from espeak-ng's C library (the one the espeakng-loader wheel ships), in this
+    process: (float32 mono, its sample rate, 22050).
+
+    Voice variants ("en-us+f3") and pitch give clearly different speakers for similarity tests.
+    """
+    global _espeak
+    import espeakng_loader
+
+    with _espeak_lock:
+        if _espeak is None:
+            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            synchronous = 2
+            sr = lib.espeak_Initialize(synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
+            chunks: list[np.ndarray] = []
+
+            def collect(wav, n, _events):
+                if n > 0:
+                    chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+                return 0
+
+            callback = _SYNTH_CALLBACK(collect)  # referenced for as long as the library lives
+            lib.espeak_SetSynthCallback(callback)
+            lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                         ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+            _espeak = (lib, sr, chunks, callback)
+        lib, sr, chunks, _ = _espeak
+        chunks.clear()
+        assert lib.espeak_SetVoiceByName(voice.encode()) == 0, f"espeak-ng has no voice {voice}"
+        lib.espeak_SetParameter(_ESPEAK_PITCH, pitch, 0)  # absolute; always set, never inherited
+        data = text.encode()
+        utf8 = 1
+        lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, utf8, None, None)
+        lib.espeak_Synchronize()
+        return np.concatenate(chunks).astype(np.float32) / 32768.0, sr
 
 
 def voiced_clip(f0: float, seconds: float, seed: int) -> np.ndarray:

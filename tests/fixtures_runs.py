@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from django.conf import settings
-
 from studio.models import Dataset, Run, TrainingConfig
 from tests.fixtures_audio import feature_cache
 from training.config import TrainConfig
@@ -48,6 +44,5 @@ def tiny_run(owner, dataset=None, config=None, **snapshot) -> Run:
         owner=owner, dataset=dataset, config=config, config_snapshot=values,
         total_steps=values["steps"],
     )  # fmt: skip
-    run.out_dir = str(Path(settings.STUDIO_RUNS_DIR) / str(run.pk))
-    run.save(update_fields=["out_dir"])
+    run.assign_out_dir()
     return run

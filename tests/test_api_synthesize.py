@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from django.test import Client
-from test_synthesis_speaker import espeak_speech
 
 from studio.models import Checkpoint, Dataset, Run, TrainingConfig
+from tests.fixtures_audio import espeak_speech
 from training.checkpoint import save_checkpoint
 from training.model import MODEL_SIZES, TTSModel
 from training.text import Frontend, SymbolTable

@@ -1,9 +1,8 @@
-import ctypes
-
 import numpy as np
 import pytest
 import torch
 
+from tests.fixtures_audio import espeak_speech
 from training import speaker
 from training.audio import resample
 
@@ -16,38 +15,8 @@ SENTENCES = (
 @pytest.fixture(scope="module")
 def say():
     """Real speech from the espeak-ng library that ships in the espeakng-loader wheel."""
-    espeakng_loader = pytest.importorskip("espeakng_loader")
-    try:
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-    except OSError as exc:
-        pytest.skip(f"espeak-ng library not loadable: {exc}")
-    synchronous = 2
-    sr = lib.espeak_Initialize(synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
-    chunks: list[np.ndarray] = []
-    callback_type = ctypes.CFUNCTYPE(
-        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-    )
-
-    def collect(wav, n, events):
-        if n > 0:
-            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-        return 0
-
-    callback = callback_type(collect)  # kept referenced for as long as the library may call it
-    lib.espeak_SetSynthCallback(callback)
-
-    def synth(text: str, voice: str = "en-us", pitch: int = 50) -> tuple[np.ndarray, int]:
-        chunks.clear()
-        assert lib.espeak_SetVoiceByName(voice.encode()) == 0
-        lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH, absolute
-        data = text.encode()
-        utf8 = 1
-        lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, utf8, None, None)
-        lib.espeak_Synchronize()
-        return np.concatenate(chunks).astype(np.float32) / 32768, sr
-
-    synth.callback = callback
-    return synth
+    pytest.importorskip("espeakng_loader")
+    return espeak_speech
 
 
 def test_embedding_shape_norm_and_dtype(say):

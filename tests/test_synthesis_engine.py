@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_synthesis_speaker import espeak_speech
 
 from synthesis import engine
 from synthesis.engine import ModelCache, Synthesizer, split_text
 from synthesis.evaluate import evaluate_checkpoint
 from synthesis.speaker import ReferenceAudioError
+from tests.fixtures_audio import espeak_speech
 from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import TrainConfig
 from training.corpus import CorpusItem

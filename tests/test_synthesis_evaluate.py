@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_synthesis_speaker import espeak_speech
 
 from synthesis import evaluate
+from tests.fixtures_audio import espeak_speech
 from training import audio as audio_lib
 
 

@@ -1,14 +1,12 @@
 """Reference clips -> speaker embeddings, and every way a clip can be refused.
 
 Speech comes from espeak-ng (the library the espeakng-loader wheel ships), so the tests need no
-recordings. `espeak_speech` is imported by the other synthesis test modules.
+recordings. `espeak_speech` lives in tests/fixtures_audio.py, shared by every module that speaks.
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -18,48 +16,7 @@ import torchaudio
 
 from synthesis import speaker
 from synthesis.evaluate import secs
-
-_espeak = None
-_espeak_lock = threading.Lock()
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-)
-
-
-def espeak_speech(text: str, voice: str = "en-us") -> tuple[np.ndarray, int]:
-    """Speech from espeak-ng's C library in this process: (float32 mono, sample rate 22050).
-
-    Voice variants ("en-us+f3") give a clearly different speaker for similarity tests.
-    """
-    global _espeak
-    import espeakng_loader
-
-    with _espeak_lock:
-        if _espeak is None:
-            lib = ctypes.CDLL(espeakng_loader.get_library_path())
-            sr = lib.espeak_Initialize(
-                2, 0, espeakng_loader.get_data_path().encode(), 0
-            )  # synchronous
-            chunks: list[np.ndarray] = []
-
-            def collect(wav, n, _events):
-                if n > 0:
-                    chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-                return 0
-
-            callback = _SYNTH_CALLBACK(collect)
-            lib.espeak_SetSynthCallback(callback)
-            lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                         ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
-            _espeak = (lib, sr, chunks, callback)
-        lib, sr, chunks, _ = _espeak
-        chunks.clear()
-        assert lib.espeak_SetVoiceByName(voice.encode()) == 0, f"espeak-ng has no voice {voice}"
-        data = text.encode()
-        lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 1, None, None)  # 1 = UTF-8 text
-        lib.espeak_Synchronize()
-        return np.concatenate(chunks).astype(np.float32) / 32768.0, sr
-
+from tests.fixtures_audio import espeak_speech
 
 SENTENCES = [
     "The quiet teacher collected two loaves of bread under the bright lights.",
