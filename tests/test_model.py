@@ -172,6 +172,16 @@ def test_infer_controls():
     assert not torch.allclose(shifted["mel"], base["mel"])
 
 
+def test_infer_with_a_nan_duration_predictor_gives_short_output_not_a_crash():
+    model = tiny_model().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        model.duration_predictor.proj.bias.fill_(float("nan"))
+    out = model.infer(batch["tokens"], batch["token_lens"], batch["spk_emb"])
+    # Every utterance still gets its one frame, and no frame count is negative.
+    assert (out["durations"] >= 0).all() and (out["mel_lens"] == 1).all()
+
+
 def test_bf16_autocast_keeps_float32_outputs():
     out_fp32 = tiny_model().eval()(make_batch())
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -477,7 +477,11 @@ class TTSModel(nn.Module):
         # The predictor learns log(1 + frames), so a zero-length token is representable.
         log_dur = self.duration_predictor(enc, text_mask).float()
         durations = (torch.exp(log_dur) - 1) * duration_scale
-        durations = durations.clamp(0, self.cfg.max_duration).round().long() * text_mask
+        # clamp keeps NaN, and NaN.long() is a huge negative frame count: a broken checkpoint
+        # must give silence-length output, not a crash deep inside length regulation.
+        durations = (
+            durations.nan_to_num(0.0).clamp(0, self.cfg.max_duration).round().long() * text_mask
+        )
         # Every utterance needs at least one frame; give it to the first token.
         empty = durations.sum(1) == 0
         durations[empty, 0] = 1
