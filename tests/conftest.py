@@ -19,6 +19,31 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPORA = ROOT.parent / "shared" / "corpora"
 
 
+def pytest_sessionstart(session):
+    _one_torch_thread()
+
+
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test computes with one torch thread, and whatever a test sets is undone after it.
+
+    On the shared 2-core box more intra-op threads than free cores spin-wait on each other:
+    one thread made model, loss and trainer tests 3-20x faster. The studio's own thread
+    settings (synthesis, scoring) are process-wide, so tests that exercise them must not leak
+    them into the modules that run next. Module-scoped fixtures start under one thread too,
+    because the reset runs after every test and at session start.
+    """
+    _one_torch_thread()
+    yield
+    _one_torch_thread()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """Picked by studio.test_settings: REDIS_URL, db 15 of the local Redis, or the embedded one."""

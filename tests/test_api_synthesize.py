@@ -22,17 +22,6 @@ pytestmark = pytest.mark.django_db
 WORDS = "the quick brown fox jumps over the lazy dog hello there how are you"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """The studio sets one torch thread for synthesis (engine.configure_cpu_threads); put the
-    session's setting back for the test modules that run after this one."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def studio_checkpoint(owner, folder: Path, name: str = "run") -> Checkpoint:
     """A real (untrained) tiny checkpoint file and the rows that make it the owner's."""
     frontend = Frontend("en")

@@ -8,23 +8,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
-import torch
 from test_trainer import write_synthetic_cache
 
 from training.checkpoint import load_checkpoint
 from training.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    # `--threads` sets torch's thread count for the whole process; put it back after each test.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_coqui_corpus(root: Path) -> Path:

@@ -57,15 +57,6 @@ def feature_cache(tmp_path_factory):
     return cache
 
 
-@pytest.fixture
-def one_thread():
-    # Two cores shared by several jobs: more threads than free cores spin and slow a step 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class FaultyTrainer(Trainer):
     def next_batch(self):
         batch = super().next_batch()
@@ -89,9 +80,7 @@ class Recorder(Callbacks):
         self.evals.append(metrics)
 
 
-def test_training_survives_nan_batches_and_a_learning_rate_spike(
-    feature_cache, tmp_path, one_thread
-):
+def test_training_survives_nan_batches_and_a_learning_rate_spike(feature_cache, tmp_path):
     cfg = preset("tiny", "enhanced")
     cfg.steps, cfg.batch_size, cfg.lr_warmup_steps = STEPS, 8, 20
     cfg.eval_every, cfg.checkpoint_every = 100, 50

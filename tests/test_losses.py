@@ -22,15 +22,6 @@ from training.losses import (
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by several jobs: more torch threads than free cores spin, 7x slower here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def outputs(batch=2, tokens=3, frames=6, mel_error=0.5, seed=0, grad=True):
     """A model-output dict with the shapes of training.model, valid lengths (3, 2) tokens and
     (6, 4) frames, and a mel prediction off by exactly `mel_error` on every valid cell."""

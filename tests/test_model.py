@@ -15,15 +15,6 @@ from training.model import (
 N_SYMBOLS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core box two intra-op threads spin-wait on each other: one is 3-10x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_batch(token_lens=(9, 6, 4), mel_lens=(40, 30, 12), seed=0):
     g = torch.Generator().manual_seed(seed)
     batch, length, frames = len(token_lens), max(token_lens), max(mel_lens)

@@ -48,18 +48,8 @@ VOICES = {"voice0": "en-us", "voice1": "en-us+f3"}
 TRAIN_STEPS = 25
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As the studio serves synthesis (engine.configure_cpu_threads); restored afterwards so
-    other test modules in the session keep their own setting."""
-    before = torch.get_num_threads()
-    engine.configure_cpu_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_torch_thread) -> dict:
+def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("synth-engine")
     (root / "wavs").mkdir()
     items = []

@@ -23,17 +23,6 @@ from studio.synthesis_page import checkpoint_choices, checkpoint_file, with_synt
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """The studio sets one torch thread for synthesis (engine.configure_cpu_threads); put the
-    session's setting back for the test modules that run after this one."""
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def app():
     return with_synthesis_page(get_asgi_application())

@@ -103,15 +103,6 @@ def write_synthetic_cache(
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core box two intra-op threads spin-wait on each other: one is 3-10x faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def cache(tmp_path):
     return write_synthetic_cache(tmp_path / "cache")

@@ -175,6 +175,27 @@ class TrainConfig:
 
 # The old system's level names. Each is a set of flat overrides (TrainConfig.flat() names);
 # the learning rate depends on the model size as well, so it lives in LEARNING_RATES.
+# The stable adaptive mel weight with the refactor's settings, and the full learning rate.
+_ENHANCED: dict = {
+    "lr_warmup_steps": 100,
+    "grad_clip_norm": 1.0,
+    "mel_loss_weight": 2.5,
+    "duration_loss_weight": 1.0,
+    "pitch_loss_weight": 0.1,
+    "energy_loss_weight": 0.1,
+    "align_loss_weight": 1.0,
+    "bin_loss_weight": 0.1,
+    "use_adaptive_weights": True,
+    "loss_smoothing_factor": 0.1,
+    "max_loss_spike_threshold": 2.0,
+    "gradient_norm_threshold": 5.0,
+    "adaptive_weight_max_change_percent": 0.05,
+    "adaptive_weight_cooling_period": 50,
+    "adaptive_weight_min_stable_steps": 10,
+    "adaptive_weight_min_warmup_steps": 100,
+    "adaptive_weight_variance_threshold": 0.5,
+}
+
 OPTIMIZATION_LEVELS: dict[str, dict] = {
     # Fixed weights, tight clipping, long warm-up: nothing moves that the user did not set.
     "basic": {
@@ -188,45 +209,10 @@ OPTIMIZATION_LEVELS: dict[str, dict] = {
         "bin_loss_weight": 0.1,
         "use_adaptive_weights": False,
     },
-    # The stable adaptive mel weight with the refactor's settings, and the full learning rate.
-    "enhanced": {
-        "lr_warmup_steps": 100,
-        "grad_clip_norm": 1.0,
-        "mel_loss_weight": 2.5,
-        "duration_loss_weight": 1.0,
-        "pitch_loss_weight": 0.1,
-        "energy_loss_weight": 0.1,
-        "align_loss_weight": 1.0,
-        "bin_loss_weight": 0.1,
-        "use_adaptive_weights": True,
-        "loss_smoothing_factor": 0.1,
-        "max_loss_spike_threshold": 2.0,
-        "gradient_norm_threshold": 5.0,
-        "adaptive_weight_max_change_percent": 0.05,
-        "adaptive_weight_cooling_period": 50,
-        "adaptive_weight_min_stable_steps": 10,
-        "adaptive_weight_min_warmup_steps": 100,
-        "adaptive_weight_variance_threshold": 0.5,
-    },
+    "enhanced": _ENHANCED,
     # enhanced, plus LR restarts when the validation loss stops improving.
     "plateau_breaker": {
-        "lr_warmup_steps": 100,
-        "grad_clip_norm": 1.0,
-        "mel_loss_weight": 2.5,
-        "duration_loss_weight": 1.0,
-        "pitch_loss_weight": 0.1,
-        "energy_loss_weight": 0.1,
-        "align_loss_weight": 1.0,
-        "bin_loss_weight": 0.1,
-        "use_adaptive_weights": True,
-        "loss_smoothing_factor": 0.1,
-        "max_loss_spike_threshold": 2.0,
-        "gradient_norm_threshold": 5.0,
-        "adaptive_weight_max_change_percent": 0.05,
-        "adaptive_weight_cooling_period": 50,
-        "adaptive_weight_min_stable_steps": 10,
-        "adaptive_weight_min_warmup_steps": 100,
-        "adaptive_weight_variance_threshold": 0.5,
+        **_ENHANCED,
         "plateau_patience": 3,
         "plateau_min_delta": 0.005,
     },

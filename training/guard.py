@@ -108,17 +108,7 @@ class StepGuard:
         return Verdict(skip=True, reason=reason)
 
     def metrics(self) -> dict:
-        return {
-            "steps": self.steps,
-            "applied": self.applied,
-            "skipped": self.skipped,
-            "rollbacks": self.rollbacks,
-            "non_finite_losses": self.non_finite_losses,
-            "non_finite_grad_norms": self.non_finite_grad_norms,
-            "spikes": self.spikes,
-            "consecutive_skips": self.consecutive_skips,
-            "running_loss": self.running_loss or 0.0,
-        }
+        return {**self.state_dict(), "running_loss": self.running_loss or 0.0}
 
     def state_dict(self) -> dict:
         return {
