@@ -44,6 +44,23 @@ def one_torch_thread():
     _one_torch_thread()
 
 
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    """Each test gets its own channel layer object.
+
+    channels_redis binds a layer's receive lock to the event loop of its first receive(); a
+    test whose loop closes while a consumer is still receiving leaves that lock held and bound
+    to a dead loop, and the next async test's consumer then waits on it forever (seen as a
+    120 s timeout in CI). Daphne has one loop for the life of the process, so only tests,
+    with a new loop each, need this.
+    """
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """Picked by studio.test_settings: REDIS_URL, db 15 of the local Redis, or the embedded one."""
