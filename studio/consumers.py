@@ -47,6 +47,15 @@ class _TolerantJsonConsumer(AsyncJsonWebsocketConsumer):
             content = None
         await self.receive_json(content, **kwargs)
 
+    async def accept_signed_in(self):
+        """Accept, then close with 4401 unless a user is signed in; the user or None."""
+        await self.accept()
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return None
+        return user
+
 
 class RunConsumer(_TolerantJsonConsumer):
     """ws/runs/<id>/: history on connect (or only the gap after ?since=N), then live updates.
@@ -59,10 +68,8 @@ class RunConsumer(_TolerantJsonConsumer):
     group = None
 
     async def connect(self):
-        await self.accept()
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+        user = await self.accept_signed_in()
+        if user is None:
             return
         self.run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
         if await _visible_run(user, self.run_id) is None:
@@ -98,10 +105,8 @@ class RunsListConsumer(_TolerantJsonConsumer):
     joined = False
 
     async def connect(self):
-        await self.accept()
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+        user = await self.accept_signed_in()
+        if user is None:
             return
         self.user_id = user.pk
         self.is_staff = user.is_staff
