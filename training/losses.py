@@ -186,25 +186,24 @@ class StableAdaptiveWeights:
                 self._propose(direction, reason, loss)
         return self.weight
 
+    def _capped_average(self, average: float | None, value: float, spike: bool) -> float:
+        """Exponential average in which a spike counts only up to the spike level.
+
+        One outlier must not drag the average for a hundred steps, yet a lasting level shift
+        still moves it. The loss used for training is never touched; this is only the statistic.
+        """
+        if average is None:
+            return value
+        seen = min(value, self.spike_threshold * average) if spike else value
+        return (1 - self.smoothing_factor) * average + self.smoothing_factor * seen
+
     def _update_statistics(self, loss, grad, loss_spike, grad_spike) -> None:
-        a = self.smoothing_factor
         self.losses.append(loss)
-        if self.running_loss is None:
-            self.running_loss = loss
-        else:
-            # A spike enters the average capped at the spike level: one outlier must not drag
-            # the average for a hundred steps, yet a lasting level shift still moves it. The
-            # loss used for training is never touched; this is only the statistic.
-            seen = min(loss, self.spike_threshold * self.running_loss) if loss_spike else loss
-            self.running_loss = (1 - a) * self.running_loss + a * seen
+        self.running_loss = self._capped_average(self.running_loss, loss, loss_spike)
         if grad is None:
             return
         self.grad_norms.append(grad)
-        if self.avg_gradient_norm is None:
-            self.avg_gradient_norm = grad
-        else:
-            seen = min(grad, self.spike_threshold * self.avg_gradient_norm) if grad_spike else grad
-            self.avg_gradient_norm = (1 - a) * self.avg_gradient_norm + a * seen
+        self.avg_gradient_norm = self._capped_average(self.avg_gradient_norm, grad, grad_spike)
 
     def _may_change(self) -> bool:
         if not self.enabled or self.step_count <= self.warmup_steps:
