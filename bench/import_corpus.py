@@ -3,7 +3,7 @@
     .venv/bin/python bench/import_corpus.py                       # dev-en-8spk, 1 vs 2 workers
     .venv/bin/python bench/import_corpus.py --workers 1 2 4 --limit 200
 
-Runs the same code the Celery tasks run (studio.datasets.import_dataset and
+Runs the same code the Celery tasks run (studio.datasets.importing.import_dataset and
 preprocess_dataset) against a throw-away SQLite database and media folder, without the
 broker hop (milliseconds). Every preprocessing configuration starts from an empty feature
 cache; the first worker count given is the baseline the others are compared with. A last
@@ -77,7 +77,7 @@ def _subset(corpus: Path, target: Path, limit: int) -> Path:
 def run(corpus: Path, worker_counts: list[int], language: str) -> None:
     from django.contrib.auth import get_user_model
 
-    from studio import datasets as service
+    from studio.datasets import importing
     from studio.models import Dataset
 
     owner = get_user_model().objects.create_user("bench")
@@ -96,7 +96,7 @@ def run(corpus: Path, worker_counts: list[int], language: str) -> None:
     }
 
     started = time.perf_counter()
-    dataset = service.import_dataset(dataset.pk)
+    dataset = importing.import_dataset(dataset.pk)
     import_s = time.perf_counter() - started
     hours = dataset.total_seconds / 3600
     emit(
@@ -116,10 +116,10 @@ def run(corpus: Path, worker_counts: list[int], language: str) -> None:
 
     baseline = None
     for workers in worker_counts:
-        shutil.rmtree(service.features_dir(dataset), ignore_errors=True)
+        shutil.rmtree(importing.features_dir(dataset), ignore_errors=True)
         Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.IMPORTED)
         started = time.perf_counter()
-        done = service.preprocess_dataset(dataset.pk, workers=workers)
+        done = importing.preprocess_dataset(dataset.pk, workers=workers)
         seconds = time.perf_counter() - started
         baseline = baseline or seconds
         emit(
@@ -142,7 +142,7 @@ def run(corpus: Path, worker_counts: list[int], language: str) -> None:
     # A task delivered again, or resumed after its worker died once everything was done.
     Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.IMPORTED)
     started = time.perf_counter()
-    done = service.preprocess_dataset(dataset.pk, workers=worker_counts[-1])
+    done = importing.preprocess_dataset(dataset.pk, workers=worker_counts[-1])
     seconds = time.perf_counter() - started
     emit(
         common

@@ -2,7 +2,7 @@
 
     python bench/metrics_latency.py [--clients 20] [--rate 50] [--seconds 20] [--modes coalesced,uncoalesced]
 
-A training loop stand-in calls the worker's own callbacks (studio.tasks_training.StudioCallbacks:
+A training loop stand-in calls the worker's own callbacks (studio.runs.callbacks.StudioCallbacks:
 batched MetricPoint rows + the coalescing live.Publisher) at `--rate` steps a second with the
 trainer's metric names. A real daphne serves studio.asgi; `--clients` WebSocket clients signed
 in as the run's owner watch the run through the real Redis channel layer. For every step each
@@ -66,15 +66,25 @@ def percentile(values: list[float], q: float) -> float:
 
 def fake_metrics(step: int) -> dict:
     """What Trainer.train_step reports, with plausible values."""
+    from training.losses import COMPONENTS
+
     m = {"step": step, "epoch": step // 100, "loss/total": 20.0 / (1 + step / 200)}
-    for i, name in enumerate(("mel", "duration", "pitch", "energy", "align", "bin")):
+    for i, name in enumerate(COMPONENTS):
         m[f"loss/{name}"] = (i + 1) / (1 + step / 300)
         m[f"weight/{name}"] = 1.0
-    m.update({
-        "grad_norm": 1.5, "lr": 1e-3, "time/step": 0.02, "time/data": 0.001,
-        "data_wait_share": 0.05, "samples_per_s": 800.0, "guard/skipped": 0.0,
-        "guard/rollbacks": 0.0, "events": [],
-    })  # fmt: skip
+    m.update(
+        {
+            "grad_norm": 1.5,
+            "lr": 1e-3,
+            "time/step": 0.02,
+            "time/data": 0.001,
+            "data_wait_share": 0.05,
+            "samples_per_s": 800.0,
+            "guard/skipped": 0.0,
+            "guard/rollbacks": 0.0,
+            "events": [],
+        }
+    )
     return m
 
 
@@ -84,9 +94,14 @@ def make_run(owner, dataset, config, name: str):
 
     values = TrainConfig.from_flat(config.values()).flat()
     return Run.objects.create(
-        owner=owner, dataset=dataset, config=config, config_snapshot=values, name=name,
-        status=Run.Status.RUNNING, total_steps=values["steps"],
-    )  # fmt: skip
+        owner=owner,
+        dataset=dataset,
+        config=config,
+        config_snapshot=values,
+        name=name,
+        status=Run.Status.RUNNING,
+        total_steps=values["steps"],
+    )
 
 
 def produce(run_id: int, rate_limit: float | None, steps: int, steps_per_s: float) -> dict:
@@ -95,7 +110,7 @@ def produce(run_id: int, rate_limit: float | None, steps: int, steps_per_s: floa
 
     from studio import live
     from studio.models import Run
-    from studio.tasks_training import StudioCallbacks
+    from studio.runs.callbacks import StudioCallbacks
 
     run = Run.objects.get(pk=run_id)
     report: dict = {}
@@ -175,10 +190,19 @@ async def one_mode(mode: str, args, base: str, cookie: str, owner, dataset, conf
     # The loop runs in a process of its own, as a worker would: its GIL, its DB writes and its
     # publishing thread must not slow the clients' event loop and inflate what they measure.
     producer = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--produce", str(run.pk), "--rate", str(args.rate),
-        "--steps", str(steps), "--limit", str(rate_limit or 0),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        __file__,
+        "--produce",
+        str(run.pk),
+        "--rate",
+        str(args.rate),
+        "--steps",
+        str(steps),
+        "--limit",
+        str(rate_limit or 0),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
     started = time.time()
     await asyncio.gather(*tasks)
     out, _ = await producer.communicate()
@@ -243,9 +267,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each mode")
     parser.add_argument("--modes", default="coalesced,uncoalesced")
     parser.add_argument(
-        "--coalesce-rate", type=float, default=None,
+        "--coalesce-rate",
+        type=float,
+        default=None,
         help="messages per second of the coalesced mode (default: the studio's, live.max_rate())",
-    )  # fmt: skip
+    )
     # Internal: the producer process (run id, steps, rate limit; 0 = uncoalesced).
     parser.add_argument("--produce", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -282,9 +308,21 @@ def main(argv=None) -> int:
 
     port = free_port()
     daphne = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "studio.asgi:application"],
-        cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "studio.asgi:application",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -300,13 +338,23 @@ def main(argv=None) -> int:
             result = asyncio.run(one_mode(mode, args, base, cookie, owner, dataset, config))
             print(json.dumps(result), flush=True)
             results.append(result)
-        print(json.dumps({
-            "bench": "metrics_latency", "summary": True, "cpu_count": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-            **{f"{r['mode']}_p95_ms": r["latency_ms"]["p95"] for r in results},
-            **{f"{r['mode']}_msgs_per_client_per_s": r["messages_per_client_per_s"] for r in results},
-            "ok": all(r["ok"] for r in results if r["mode"] == "coalesced"),
-        }), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "bench": "metrics_latency",
+                    "summary": True,
+                    "cpu_count": os.cpu_count(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                    **{f"{r['mode']}_p95_ms": r["latency_ms"]["p95"] for r in results},
+                    **{
+                        f"{r['mode']}_msgs_per_client_per_s": r["messages_per_client_per_s"]
+                        for r in results
+                    },
+                    "ok": all(r["ok"] for r in results if r["mode"] == "coalesced"),
+                }
+            ),
+            flush=True,
+        )
     finally:
         daphne.terminate()
         daphne.wait(10)

@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthesis.engine import ModelCache, Synthesizer, configure_cpu_threads  # noqa: E402
-from synthesis.vocoders import GriffinLim  # noqa: E402
-from training.checkpoint import save_checkpoint  # noqa: E402
-from training.model import MODEL_SIZES, TTSModel, count_parameters  # noqa: E402
-from training.text import Frontend, SymbolTable  # noqa: E402
+from synthesis.engine import ModelCache, Synthesizer, configure_cpu_threads
+from synthesis.vocoders import GriffinLim
+from training.checkpoint import save_checkpoint
+from training.model import MODEL_SIZES, TTSModel, count_parameters
+from training.text import Frontend, SymbolTable
 
 TEXT = (
     "The quiet teacher collected two loaves of bread under the bright lights. "

@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import training.trainer  # noqa: E402
-from training.config import BATCH_RANGES, preset  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+import training.trainer
+from training.config import BATCH_RANGES, preset
+from training.trainer import Trainer
 
 PRELOAD_LIMIT = training.trainer.PRELOAD_MAX_AUDIO_S
 

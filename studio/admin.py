@@ -66,13 +66,39 @@ class TrainingConfigAdmin(admin.ModelAdmin):
     raw_id_fields = ["owner"]
     fieldsets = [
         (None, {"fields": ["owner", "name", "description", "model_size", "optimization_level"]}),
-        ("Schedule", {"fields": ["batch_size", "steps", "learning_rate", "lr_warmup_steps", "grad_clip_norm",
-                                 "grad_accum_steps", "eval_every", "checkpoint_every", "seed"]}),
-        ("Loss weights (safe ranges enforced)", {"fields": [
-            "use_adaptive_weights", "mel_loss_weight", "kl_loss_weight", "duration_loss_weight",
-            "pitch_loss_weight", "energy_loss_weight", "align_loss_weight", "bin_loss_weight"]}),
+        (
+            "Schedule",
+            {
+                "fields": [
+                    "batch_size",
+                    "steps",
+                    "learning_rate",
+                    "lr_warmup_steps",
+                    "grad_clip_norm",
+                    "grad_accum_steps",
+                    "eval_every",
+                    "checkpoint_every",
+                    "seed",
+                ]
+            },
+        ),
+        (
+            "Loss weights (safe ranges enforced)",
+            {
+                "fields": [
+                    "use_adaptive_weights",
+                    "mel_loss_weight",
+                    "kl_loss_weight",
+                    "duration_loss_weight",
+                    "pitch_loss_weight",
+                    "energy_loss_weight",
+                    "align_loss_weight",
+                    "bin_loss_weight",
+                ]
+            },
+        ),
         ("Advanced", {"fields": ["extra"], "classes": ["collapse"]}),
-    ]  # fmt: skip
+    ]
 
 
 class CheckpointInline(admin.TabularInline):

@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studio.settings")
 
-from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.asgi import get_asgi_application
 
 # Django must be set up before anything imports models (consumers, the Gradio mount).
 django_asgi = get_asgi_application()
@@ -15,7 +15,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from studio.bodylimit import BodySizeLimit, studio_limits  # noqa: E402
 from studio.routing import websocket_urlpatterns  # noqa: E402
-from studio.synthesis_page import with_synthesis_page  # noqa: E402
+from studio.synthesis.page import with_synthesis_page  # noqa: E402
 
 # /synthesize/... goes to the Gradio page behind the Django session; the rest to Django.
 # Oversized bodies are refused before Django or Gradio spool them to disk.

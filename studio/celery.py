@@ -30,4 +30,5 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": 7 * 24 * 3600},
     worker_hijack_root_logger=False,
 )
-app.autodiscover_tasks(["studio"], related_name="tasks")
+# Each area keeps its tasks in its own tasks.py, named "<area>.<verb>".
+app.autodiscover_tasks(["studio.datasets", "studio.runs"], related_name="tasks")

@@ -20,13 +20,11 @@ import logging
 import math
 import threading
 import time
-from datetime import datetime
 
 from django.conf import settings
 from django.db.models import Q
 from django.db.models.functions import Mod
 from django.urls import reverse
-from django.utils import timezone
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ def max_rate() -> float:
     at 50 steps/s, leaving too little for transport on a busy machine (bench/metrics_latency.py:
     p95 ~109 ms at 10/s, ~83 ms at 12.5/s, 20 clients on a loaded 2-core box).
     """
-    return float(getattr(settings, "STUDIO_LIVE_MAX_RATE", 12.5))
+    return settings.STUDIO_LIVE_MAX_RATE
 
 
 def finite_metrics(metrics: dict) -> tuple[dict[str, float], list[str]]:
@@ -129,37 +127,35 @@ def checkpoint_dict(ckpt) -> dict:
         "download_url": reverse("checkpoint_download", args=[ckpt.pk]),
         "synthesize_url": f"/synthesize/?checkpoint={ckpt.pk}",
         "score_url": reverse("checkpoint_score", args=[ckpt.pk]),
-        "scores": score_summary(ckpt.scores),
+        "scores": score_summary(ckpt),
     }
 
 
-# What a checkpoint row shows of its scores (studio.tasks_scores): the means, not the
+# What a checkpoint row shows of its scores (studio.runs.tasks): the means, not the
 # per-utterance rows, which stay in the database.
 SCORE_FIELDS = (
-    "state", "error", "scored_at", "queued_at", "n", "n_utterances", "secs_seen", "secs_unseen",
-    "secs_real_same_speaker", "secs_real_different_speakers", "mcd_db", "wer_output",
-    "wer_ground_truth", "ground_truth", "rtf",
-)  # fmt: skip
+    "state",
+    "error",
+    "scored_at",
+    "queued_at",
+    "n",
+    "n_utterances",
+    "secs_seen",
+    "secs_unseen",
+    "secs_real_same_speaker",
+    "secs_real_different_speakers",
+    "mcd_db",
+    "wer_output",
+    "wer_ground_truth",
+    "ground_truth",
+    "rtf",
+)
 
 
-# A "queued" mark older than this is taken as lost (no cpu worker took it): scoring may be asked again.
-SCORE_QUEUED_STALE_SECONDS = 15 * 60
-
-
-def scoring_pending(scores: dict | None) -> bool:
-    """Queued for scoring, recently enough that a worker should still be on it."""
-    if not scores or scores.get("state") != "queued":
-        return False
-    try:
-        age = timezone.now() - datetime.fromisoformat(scores.get("queued_at") or "")
-    except (TypeError, ValueError):  # not a date, or one without a time zone
-        return False
-    return age.total_seconds() < SCORE_QUEUED_STALE_SECONDS
-
-
-def score_summary(scores: dict | None) -> dict:
-    summary = {k: scores[k] for k in SCORE_FIELDS if k in scores} if scores else {}
-    summary["pending"] = scoring_pending(scores)
+def score_summary(ckpt) -> dict:
+    scores = ckpt.scores or {}
+    summary = {k: scores[k] for k in SCORE_FIELDS if k in scores}
+    summary["pending"] = ckpt.scoring_pending
     return summary
 
 
@@ -221,7 +217,7 @@ def history(run, since: int | None = None, max_points: int = HISTORY_POINTS) -> 
 
 
 class _Pending:
-    __slots__ = ("points", "events", "samples", "checkpoints", "status", "urgent")
+    __slots__ = ("checkpoints", "events", "points", "samples", "status", "urgent")
 
     def __init__(self):
         self.points: list[dict] = []
@@ -394,9 +390,11 @@ def publish_status(run) -> None:
     try:
         async_to_sync(layer.group_send)(
             run_group(run.pk),
-            {"type": "run.update", "data": {"type": "update", "run": run.pk, "points": [],
-                                            "status": run_summary(run)}},
-        )  # fmt: skip
+            {
+                "type": "run.update",
+                "data": {"type": "update", "run": run.pk, "points": [], "status": run_summary(run)},
+            },
+        )
         async_to_sync(layer.group_send)(
             RUNS_GROUP, {"type": "runs.update", "data": list_message(run)}
         )
@@ -413,8 +411,10 @@ def publish_checkpoints(run) -> None:
     try:
         async_to_sync(get_channel_layer().group_send)(
             run_group(run.pk),
-            {"type": "run.update", "data": {"type": "update", "run": run.pk, "points": [],
-                                            "checkpoints": checkpoints}},
-        )  # fmt: skip
+            {
+                "type": "run.update",
+                "data": {"type": "update", "run": run.pk, "points": [], "checkpoints": checkpoints},
+            },
+        )
     except Exception as exc:
         logger.warning("checkpoints of run %s not published: %s", run.pk, exc)

@@ -6,15 +6,20 @@ a stored config into a training config) lives here, so views and tasks stay thin
 
 from __future__ import annotations
 
+import math
 import secrets
+import uuid
+from datetime import datetime
 from pathlib import Path
 
+from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from studio import workers
 from training.config import (
     BATCH_RANGES,
     SAFE_RANGE_REASONS,
@@ -23,6 +28,7 @@ from training.config import (
     UnsafeConfig,
     batch_warning,
     check_safe,
+    preset,
     range_text,
 )
 
@@ -36,6 +42,9 @@ class Timestamped(models.Model):
 
 
 class OwnedQuerySet(models.QuerySet):
+    """Every model a person owns, directly or through its dataset or run, is read through
+    `visible_to`, so "who may see this" has one answer (each model names its `owner_lookup`)."""
+
     def visible_to(self, user):
         """Staff see everything; everyone else sees only what they own."""
         if not user.is_authenticated:
@@ -53,7 +62,7 @@ class Owned(Timestamped):
     class Meta:
         abstract = True
 
-    def visible_to(self, user) -> bool:
+    def is_visible_to(self, user) -> bool:
         return type(self).objects.visible_to(user).filter(pk=self.pk).exists()
 
 
@@ -150,6 +159,9 @@ class Dataset(Owned):
 
 
 class Speaker(Timestamped):
+    owner_lookup = "dataset__owner"
+    objects = OwnedQuerySet.as_manager()
+
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="speakers")
     name = models.CharField(max_length=200)
     n_utterances = models.PositiveIntegerField(default=0)
@@ -175,6 +187,9 @@ class Utterance(Timestamped):
         TRAIN = "train", "Train"
         VAL = "val", "Validation"
         NONE = "", "Not used"
+
+    owner_lookup = "dataset__owner"
+    objects = OwnedQuerySet.as_manager()
 
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="utterances")
     speaker = models.ForeignKey(
@@ -227,7 +242,46 @@ def _safe_help(name: str, text: str = "") -> str:
     return f"{text} {range_text(name).capitalize()}: {SAFE_RANGE_REASONS.get(name, '')}".strip()
 
 
+# TrainingConfig columns that map one-to-one onto TrainConfig.flat() names.
+CONFIG_COLUMNS = {
+    "batch_size",
+    "steps",
+    "learning_rate",
+    "lr_warmup_steps",
+    "grad_clip_norm",
+    "grad_accum_steps",
+    "eval_every",
+    "checkpoint_every",
+    "seed",
+    "use_adaptive_weights",
+    "optimization_level",
+    *WEIGHT_FIELDS,
+}
+
+
+class TrainingConfigQuerySet(OwnedQuerySet):
+    def preset(self, owner, size: str, level: str) -> TrainingConfig:
+        """The owner's saved copy of a preset, made on first use so a run can point at it."""
+        name = f"Preset · {size} · {level.replace('_', ' ')}"
+        config = self.filter(owner=owner, name=name).first()
+        if config is not None:
+            return config
+        flat = preset(size, level).flat()
+        columns = {k: v for k, v in flat.items() if k in CONFIG_COLUMNS}
+        extra = {k: v for k, v in flat.items() if k not in CONFIG_COLUMNS and k != "size"}
+        return self.create(
+            owner=owner,
+            name=name,
+            description="Made from training.config.preset(); edit a copy to change it.",
+            model_size=size,
+            extra=extra,
+            **columns,
+        )
+
+
 class TrainingConfig(Owned):
+    objects = TrainingConfigQuerySet.as_manager()
+
     class Size(models.TextChoices):
         TINY = "tiny", "tiny (laptop CPU, minutes)"
         SMALL = "small", "small"
@@ -328,6 +382,15 @@ class TrainingConfig(Owned):
 
 
 # --------------------------------------------------------------------------- runs
+
+
+# The training task's name and queue (studio.runs.tasks); models send it by name.
+TRAIN_TASK = "runs.train"
+TRAIN_QUEUE = "gpu"
+SCORE_TASK = "runs.score_checkpoint"
+SCORE_QUEUE = "cpu"
+# A "queued" score older than this is taken as lost (no cpu worker took it): it may be asked again.
+SCORE_QUEUED_STALE_SECONDS = 15 * 60
 
 
 class Run(Owned):
@@ -451,12 +514,135 @@ class Run(Owned):
         self.error = reason
         self.save(update_fields=["status", "error", "updated"])
 
+    def event(self, kind: str, message: str, step: int | None = None, data=None) -> RunEvent:
+        return RunEvent.objects.create(
+            run=self,
+            kind=kind,
+            message=message,
+            step=self.current_step if step is None else step,
+            data=data or {},
+        )
+
+    def enqueue(self) -> None:
+        """Send the run to the gpu queue once the transaction that saved it has committed.
+
+        By task name, so the model needs no import of the task module (which imports models).
+        """
+        task_id = str(uuid.uuid4())
+        Run.objects.filter(pk=self.pk).update(celery_task_id=task_id)
+        self.celery_task_id = task_id
+        pk = self.pk
+        transaction.on_commit(
+            lambda: current_app.send_task(
+                TRAIN_TASK, args=(pk,), queue=TRAIN_QUEUE, task_id=task_id
+            )
+        )
+
+    def requeue(self, by: str, steps: int | None = None) -> bool:
+        """Queue a stopped run again to resume from its last checkpoint, optionally training it
+        for longer. False when it cannot be resumed (a second click, or a worker got there)."""
+        with transaction.atomic():
+            run = Run.objects.select_for_update().get(pk=self.pk)
+            if not run.can_resume:
+                return False
+            if steps:
+                run.config_snapshot = dict(run.config_snapshot, steps=steps)
+                run.total_steps = steps
+            run.status = Run.Status.QUEUED
+            run.cancel_requested = False
+            run.error = ""
+            run.finished = None
+            run.save()
+            more = f", training to step {steps}" if steps else ""
+            run.event("status", f"resume requested by {by}{more}")
+            run.enqueue()
+        self.refresh_from_db()
+        return True
+
+    @classmethod
+    def claim(cls, run_id: int, ident: str, host: str) -> tuple[Run | None, str]:
+        """Take the run for the worker process `ident`, or say why not: (run or None, how).
+
+        how is "start", "resume" or "redelivered" for a claimed run; otherwise the reason.
+        """
+        with transaction.atomic():
+            run = cls.objects.select_for_update().filter(pk=run_id).first()
+            if run is None:
+                return None, "gone"
+            if run.status in cls.FINISHED:
+                return None, f"already {run.status}"
+            # A live worker holds it (a duplicate message): that worker answers a cancel itself.
+            if run.status == cls.Status.RUNNING and not run.owner_gone(host):
+                elsewhere = workers.host_of(run.worker.rpartition(":")[0]) != host
+                return None, ("busy elsewhere" if elsewhere else "duplicate") + f": {run.worker}"
+            if run.cancel_requested:
+                run.mark_finished(cls.Status.CANCELLED)
+                return None, "cancelled before it started"
+            how = "start"
+            if run.status == cls.Status.RUNNING:
+                how = "redelivered"
+                run.event(
+                    "interrupted",
+                    f"worker {run.worker} was lost at step {run.current_step}; resuming",
+                )
+            elif run.status == cls.Status.INTERRUPTED or run.attempts > 0:
+                how = "resume"
+            run.mark_running(ident)
+            if not run.out_dir:
+                run.assign_out_dir()
+            return run, how
+
+    def owner_gone(self, host: str) -> bool:
+        """Is the worker process that holds this run certainly gone? (see studio.workers)"""
+        return workers.owner_gone(self.worker, self.updated, host)
+
+    def record_checkpoint(self, path: str | Path, info: dict) -> Checkpoint:
+        """The trainer wrote a checkpoint: one row per step, one of them marked best; rows of
+        files the trainer pruned go (the best one falls back to best.pt, the same weights)."""
+        path = str(path)
+        step = int(info["step"])
+        val = info.get("val_loss")
+        val = val if isinstance(val, float) and math.isfinite(val) else None
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        with transaction.atomic():
+            if info.get("best"):
+                # best.pt now holds `step`: a row that pointed at it for another step is stale.
+                self.checkpoints.filter(path=path).exclude(step=step).delete()
+                self.checkpoints.update(is_best=False)
+                ckpt, created = Checkpoint.objects.get_or_create(
+                    run=self,
+                    step=step,
+                    defaults={"path": path, "val_loss": val, "is_best": True, "size_bytes": size},
+                )
+                if not created:
+                    ckpt.is_best, ckpt.val_loss = True, val if val is not None else ckpt.val_loss
+                    ckpt.save(update_fields=["is_best", "val_loss", "updated"])
+            else:
+                ckpt, _ = Checkpoint.objects.update_or_create(
+                    run=self,
+                    step=step,
+                    defaults={"path": path, "val_loss": val, "size_bytes": size},
+                )
+            best_path = Path(path).parent / "best.pt"
+            for c in self.checkpoints.all():
+                if Path(c.path).exists():
+                    continue
+                if c.is_best and best_path.exists():
+                    c.path = str(best_path)
+                    c.save(update_fields=["path", "updated"])
+                else:
+                    c.delete()
+        return ckpt
+
     def latest_checkpoint(self) -> Checkpoint | None:
         return self.checkpoints.order_by("-step").first()
 
 
 class MetricPoint(models.Model):
     """One scalar of one step. Unique on (run, step, name) so a resumed run never duplicates rows."""
+
+    owner_lookup = "run__owner"
+    objects = OwnedQuerySet.as_manager()
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="metrics")
     step = models.PositiveIntegerField()
@@ -490,6 +676,9 @@ class RunEvent(models.Model):
     """Something worth reading rather than plotting: an adaptive-weight decision, a skipped step,
     a rollback, a diagnosis, a status change, a log line."""
 
+    owner_lookup = "run__owner"
+    objects = OwnedQuerySet.as_manager()
+
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
     step = models.PositiveIntegerField(default=0)
     kind = models.CharField(max_length=32, db_index=True)
@@ -506,6 +695,9 @@ class RunEvent(models.Model):
 
 
 class Checkpoint(Timestamped):
+    owner_lookup = "run__owner"
+    objects = OwnedQuerySet.as_manager()
+
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="checkpoints")
     step = models.PositiveIntegerField()
     path = models.CharField(max_length=1000, help_text="Absolute path of the .pt file.")
@@ -525,12 +717,40 @@ class Checkpoint(Timestamped):
     def __str__(self) -> str:
         return f"{self.run} step {self.step}"
 
-    @classmethod
-    def visible_to(cls, user):
-        if not user.is_authenticated:
-            return cls.objects.none()
-        qs = cls.objects.select_related("run")
-        return qs if user.is_staff else qs.filter(run__owner=user)
+    @property
+    def scoring_pending(self) -> bool:
+        """Queued for scoring, recently enough that a worker should still be on it.
+
+        `scores` holds one of three shapes, told apart by "state": queued (the previous
+        scores, if any, plus queued_at), done (synthesis.evaluate's dict plus scored_at and
+        n), error (a readable message in "error", plus scored_at and n).
+        """
+        scores = self.scores or {}
+        if scores.get("state") != "queued":
+            return False
+        try:
+            age = timezone.now() - datetime.fromisoformat(scores.get("queued_at") or "")
+        except (TypeError, ValueError):  # not a date, or one without a time zone
+            return False
+        return age.total_seconds() < SCORE_QUEUED_STALE_SECONDS
+
+    def queue_scoring(self) -> bool:
+        """Mark the checkpoint queued and send the scoring task once the transaction commits.
+        False when it is already queued (a second click)."""
+        if self.scoring_pending:
+            return False
+        self.scores = dict(self.scores or {}, state="queued", queued_at=timezone.now().isoformat())
+        Checkpoint.objects.filter(pk=self.pk).update(scores=self.scores)
+        pk = self.pk
+        transaction.on_commit(
+            lambda: current_app.send_task(SCORE_TASK, args=(pk,), queue=SCORE_QUEUE)
+        )
+        return True
+
+    def record_scores(self, scores: dict) -> None:
+        """Store what scoring found (already JSON-safe), whether scores or an error."""
+        self.scores = scores
+        Checkpoint.objects.filter(pk=self.pk).update(scores=scores)
 
     @property
     def label(self) -> str:
@@ -539,6 +759,9 @@ class Checkpoint(Timestamped):
 
 
 class AudioSample(Timestamped):
+    owner_lookup = "run__owner"
+    objects = OwnedQuerySet.as_manager()
+
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="samples")
     step = models.PositiveIntegerField()
     utterance_id = models.CharField(max_length=300, blank=True)

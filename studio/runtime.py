@@ -14,7 +14,6 @@ import os
 import secrets
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,14 +74,21 @@ def redis_command(data_dir: Path) -> list[str]:
     data_dir = Path(data_dir)
     return [
         redis_server_binary(),
-        "--port", "0",
-        "--unixsocket", str(redis_socket_path(data_dir)),
-        "--unixsocketperm", "700",
-        "--dir", str(data_dir),
-        "--dbfilename", "redis.rdb",
-        "--save", "60 1",
-        "--appendonly", "no",
-    ]  # fmt: skip
+        "--port",
+        "0",
+        "--unixsocket",
+        str(redis_socket_path(data_dir)),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(data_dir),
+        "--dbfilename",
+        "redis.rdb",
+        "--save",
+        "60 1",
+        "--appendonly",
+        "no",
+    ]
 
 
 def redis_reachable(url: str, timeout: float = 1.0) -> bool:
@@ -130,14 +136,48 @@ def procfile_lines(host: str, port: int, embedded_redis: list[str] | None) -> li
     return lines
 
 
-def manage(*args: str) -> None:
-    subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True, cwd=BASE_DIR)
+def static_fingerprint() -> str:
+    """A digest of every static source file's path, size and mtime: collectstatic (seconds,
+    whitenoise compresses every file) runs only when this changes."""
+    import hashlib
+
+    from django.contrib.staticfiles.finders import get_finders
+
+    digest = hashlib.sha256()
+    for finder in get_finders():
+        for path, storage in finder.list(ignore_patterns=[]):
+            st = os.stat(storage.path(path))
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def prepare() -> None:
+    """Migrate, collect static files when they changed, and make sure an admin exists: in this
+    one process (three `manage.py` processes each paid Django's start-up again)."""
+    import django
+    from django.conf import settings
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", interactive=False, verbosity=0)
+    stamp = Path(settings.STATIC_ROOT) / ".sources"
+    fingerprint = static_fingerprint()
+    if not stamp.is_file() or stamp.read_text() != fingerprint:
+        call_command("collectstatic", interactive=False, verbosity=0)
+        stamp.write_text(fingerprint)
+    call_command("ensure_admin")
+    # The launcher execs honcho next: no database connection may leak into it.
+    from django.db import connections
+
+    connections.close_all()
 
 
 def cmd_run(args) -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studio.settings")
-    data_dir = Path(os.environ.get("STUDIO_DATA_DIR", BASE_DIR / "data")).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    from django.conf import settings
+
+    # The settings decide where the data lives; the processes honcho starts must agree.
+    data_dir = settings.DATA_DIR
     os.environ["STUDIO_DATA_DIR"] = str(data_dir)
 
     embedded = None
@@ -156,16 +196,15 @@ def cmd_run(args) -> int:
         )
         return 2
 
-    manage("migrate", "--noinput", "-v", "0")
-    manage("collectstatic", "--noinput", "-v", "0")
-    manage("ensure_admin")
+    prepare()
 
     procfile = data_dir / "Procfile.run"
     procfile.write_text("\n".join(procfile_lines(args.host, args.port, embedded)) + "\n")
     shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
     print(
         f"\n  TTS studio: http://{shown_host}:{args.port}/\n"
-        f"  Sign in as 'admin' with the password in {data_dir / 'admin_password'}\n"
+        f"  Sign in as '{settings.STUDIO_ADMIN_USER}' with the password in "
+        f"{data_dir / 'admin_password'}\n"
         f"  Ctrl-C stops everything; data stays in {data_dir}\n",
         flush=True,
     )
@@ -177,7 +216,13 @@ def cmd_run(args) -> int:
 
 def cmd_redis(args) -> int:
     """Start the embedded Redis in the foreground (tests and scripts that want one)."""
-    data_dir = Path(args.data_dir).resolve()
+    if args.data_dir:
+        data_dir = Path(args.data_dir).resolve()
+    else:
+        os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studio.settings")
+        from django.conf import settings
+
+        data_dir = settings.DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
     os.execv(redis_server_binary(), redis_command(data_dir))
     return 0
@@ -191,7 +236,7 @@ def main(argv=None) -> int:
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
     run.set_defaults(func=cmd_run)
     red = sub.add_parser("redis", help="run the embedded Redis in the foreground")
-    red.add_argument("--data-dir", default=os.environ.get("STUDIO_DATA_DIR", BASE_DIR / "data"))
+    red.add_argument("--data-dir", help="default: the settings' data folder")
     red.set_defaults(func=cmd_redis)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -29,6 +29,14 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [x.strip() for x in os.environ.get(name, default).split(",") if x.strip()]
 
 
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
 DATA_DIR = Path(os.environ.get("STUDIO_DATA_DIR", BASE_DIR / "data")).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -140,14 +148,48 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_TEMP_DIR = None
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
-STUDIO_MAX_UPLOAD_BYTES = int(os.environ.get("STUDIO_MAX_UPLOAD_BYTES", 2 * 1024**3))
-STUDIO_MAX_REFERENCE_BYTES = int(os.environ.get("STUDIO_MAX_REFERENCE_BYTES", 20 * 1024**2))
-STUDIO_MAX_SYNTH_CHARS = int(os.environ.get("STUDIO_MAX_SYNTH_CHARS", 2000))
+
+# --------------------------------------------------------------------------- the studio's own
+# Every STUDIO_* variable is read here and nowhere else; code reads django.conf.settings.
+# (STUDIO_ADMIN_PASSWORD is the launcher's one-time choice, read by `ensure_admin` alone.)
+
+# Datasets: the largest archive, what it may unpack to (audio barely compresses, so ten times
+# the upload is generous), and the folders people may register datasets from.
+STUDIO_MAX_UPLOAD_BYTES = env_int("STUDIO_MAX_UPLOAD_BYTES", 2 * 1024**3)
+STUDIO_MAX_EXTRACTED_BYTES = env_int("STUDIO_MAX_EXTRACTED_BYTES", 10 * STUDIO_MAX_UPLOAD_BYTES)
 STUDIO_DATASET_ROOTS = [
     Path(p).resolve() for p in env_list("STUDIO_DATASET_ROOTS", str(DATA_DIR / "imports"))
 ]
+# A busy dataset whose row has not changed for this long has lost its worker.
+STUDIO_DATASET_STALE_SECONDS = env_float("STUDIO_DATASET_STALE_SECONDS", 300)
+# Feature-extraction processes (only where the cpu worker may fork: `--pool solo`); 0 = half
+# the cores.
+STUDIO_PREPROCESS_WORKERS = env_int("STUDIO_PREPROCESS_WORKERS", 0)
 STUDIO_RUNS_DIR = MEDIA_ROOT / "runs"
 STUDIO_DATASETS_DIR = MEDIA_ROOT / "datasets"
+
+# Runs: how often a training task proves it is alive, and how old that proof may get before
+# another machine's worker may take the run over (on one machine the pid decides).
+STUDIO_RUN_HEARTBEAT_SECONDS = env_float("STUDIO_RUN_HEARTBEAT_SECONDS", 10)
+STUDIO_RUN_STALE_SECONDS = env_float("STUDIO_RUN_STALE_SECONDS", 300)
+# Live messages per second per run page (see studio.live.max_rate for why 12.5).
+STUDIO_LIVE_MAX_RATE = env_float("STUDIO_LIVE_MAX_RATE", 12.5)
+# Held-out utterances a checkpoint is scored on: seconds of CPU, enough to rank checkpoints.
+STUDIO_SCORE_UTTERANCES = env_int("STUDIO_SCORE_UTTERANCES", 4)
+
+# Synthesis (the Gradio page and POST /api/synthesize, in the web process).
+STUDIO_SYNTH_DEVICE = os.environ.get("STUDIO_SYNTH_DEVICE", "cpu")
+STUDIO_SYNTH_THREADS = env_int("STUDIO_SYNTH_THREADS", 1)
+STUDIO_SYNTH_CONCURRENCY = env_int("STUDIO_SYNTH_CONCURRENCY", 1)
+STUDIO_SYNTH_CACHE_SIZE = env_int("STUDIO_SYNTH_CACHE_SIZE", 2)
+STUDIO_MAX_REFERENCE_BYTES = env_int("STUDIO_MAX_REFERENCE_BYTES", 20 * 1024**2)
+STUDIO_MAX_SYNTH_CHARS = env_int("STUDIO_MAX_SYNTH_CHARS", 2000)
+STUDIO_API_TOKEN_MAX_AGE = env_int("STUDIO_API_TOKEN_MAX_AGE", 30 * 24 * 3600)
+# Build the Gradio page in the background after the first studio page, not on its first visit.
+STUDIO_SYNTH_PREWARM = env_bool("STUDIO_SYNTH_PREWARM", True)
+
+# The admin account `make run` creates on first start.
+STUDIO_ADMIN_USER = os.environ.get("STUDIO_ADMIN_USER", "admin")
 
 # Redis: broker, channel layer. See studio.runtime for the embedded one.
 REDIS_URL = os.environ.get("REDIS_URL") or default_redis_url(DATA_DIR)

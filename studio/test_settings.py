@@ -38,3 +38,6 @@ os.environ["REDIS_URL"] = _pick_redis()
 from studio.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
+
+# Each test builds the Gradio page it needs; a background build per test would only slow them.
+STUDIO_SYNTH_PREWARM = False

@@ -65,8 +65,16 @@ def espeak_speech(
 
             callback = _SYNTH_CALLBACK(collect)  # referenced for as long as the library lives
             lib.espeak_SetSynthCallback(callback)
-            lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                         ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+            lib.espeak_Synth.argtypes = [
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_uint,
+                ctypes.c_int,
+                ctypes.c_uint,
+                ctypes.c_uint,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+            ]
             _espeak = (lib, sr, chunks, callback)
         lib, sr, chunks, _ = _espeak
         chunks.clear()

@@ -41,8 +41,11 @@ def tiny_run(owner, dataset=None, config=None, **snapshot) -> Run:
     config = config or tiny_config(owner)
     values = TrainConfig.from_flat(dict(config.values(), device="cpu", **snapshot)).flat()
     run = Run.objects.create(
-        owner=owner, dataset=dataset, config=config, config_snapshot=values,
+        owner=owner,
+        dataset=dataset,
+        config=config,
+        config_snapshot=values,
         total_steps=values["steps"],
-    )  # fmt: skip
+    )
     run.assign_out_dir()
     return run

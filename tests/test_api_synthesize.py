@@ -30,10 +30,17 @@ def studio_checkpoint(owner, folder: Path, name: str = "run") -> Checkpoint:
     voice = np.random.default_rng(0).standard_normal(256)
     path = save_checkpoint(
         folder / f"{name}.pt",
-        {"model": model.state_dict(), "model_config": MODEL_SIZES["tiny"].to_dict(), "size": "tiny",
-         "symbols": symbols.to_list(), "text": {"lang": "en", "backend": frontend.backend}, "step": 7,
-         "speakers": {"narrator": (voice / np.linalg.norm(voice)).tolist()}, "val_loss": 1.25},
-    )  # fmt: skip
+        {
+            "model": model.state_dict(),
+            "model_config": MODEL_SIZES["tiny"].to_dict(),
+            "size": "tiny",
+            "symbols": symbols.to_list(),
+            "text": {"lang": "en", "backend": frontend.backend},
+            "step": 7,
+            "speakers": {"narrator": (voice / np.linalg.norm(voice)).tolist()},
+            "val_loss": 1.25,
+        },
+    )
     dataset = Dataset.objects.create(owner=owner, name=f"{name} data")
     config = TrainingConfig.objects.create(owner=owner, name=f"{name} config")
     run = Run.objects.create(owner=owner, name=name, dataset=dataset, config=config)

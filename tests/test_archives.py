@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.archives import (
+from studio.datasets.archives import (
     ArchiveLimits,
     ArchiveRefused,
     FolderRefused,
@@ -143,7 +143,7 @@ def test_one_bomb_member_hidden_among_real_data_is_refused(tmp_path: Path):
     members = {**GOOD, "corpus/noise.bin": os.urandom(2 * 1024**2)}
     members["corpus/huge.wav"] = bytes(40 * 1024**2)
     archive = make_zip(tmp_path / "sneaky.zip", members)
-    with pytest.raises(ArchiveRefused, match="'corpus/huge.wav' .* zip bomb"):
+    with pytest.raises(ArchiveRefused, match=r"'corpus/huge\.wav' .* zip bomb"):
         extract_archive(archive, tmp_path / "out", ArchiveLimits(max_ratio=30))
     assert not (tmp_path / "out").exists()
 
@@ -160,7 +160,7 @@ def test_total_size_and_member_count_limits(tmp_path: Path, kind: str):
     members = {f"corpus/f{n}.bin": os.urandom(64 * 1024) for n in range(20)}
     path = tmp_path / f"big.{kind}"
     make_zip(path, members) if kind == "zip" else make_tar(path, members)
-    with pytest.raises(ArchiveRefused, match="expands to more than 1.0 MiB"):
+    with pytest.raises(ArchiveRefused, match=r"expands to more than 1\.0 MiB"):
         extract_archive(path, tmp_path / "a", ArchiveLimits(max_total_bytes=1024**2))
     with pytest.raises(ArchiveRefused, match="more than 10 entries"):
         extract_archive(path, tmp_path / "b", ArchiveLimits(max_members=10))

@@ -48,7 +48,7 @@ def test_load_audio_mixes_stereo_down(tmp_path):
 def test_load_audio_readable_errors(tmp_path):
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF....WAVEthis is not audio")
-    with pytest.raises(A.AudioError, match="broken.wav: cannot decode"):
+    with pytest.raises(A.AudioError, match=r"broken\.wav: cannot decode"):
         A.load_audio(bad)
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, dtype=np.float32), SR)

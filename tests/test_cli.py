@@ -80,8 +80,17 @@ def test_train_then_resume(tmp_path, capsys):
 def test_unsafe_learning_rate_is_refused(tmp_path, capsys):
     cache = write_synthetic_cache(tmp_path / "cache")
     code = main(
-        ["train", "--data", str(cache), "--out", str(tmp_path / "run"), "--lr", "0.5"]
-        + ["--device", "cpu"]
+        [
+            "train",
+            "--data",
+            str(cache),
+            "--out",
+            str(tmp_path / "run"),
+            "--lr",
+            "0.5",
+            "--device",
+            "cpu",
+        ]
     )
     assert code == 2
     err = capsys.readouterr().err

@@ -142,6 +142,22 @@ def test_coqui(coqui: Path):
     assert items[0].id == "anna_0"
 
 
+def test_a_quoted_comma_stays_in_the_transcript(tmp_path: Path):
+    root = tmp_path / "commas"
+    write_audio(root / "wavs" / "a.wav")
+    write_audio(root / "wavs" / "b.wav")
+    (root / "metadata.csv").write_text(
+        'audio_file,text,speaker_name\nwavs/a.wav,"Hello, world.",anna\nwavs/b.wav,Plain text.,ben\n',
+        encoding="utf-8",
+    )
+    items, problems = read_corpus(root, "coqui")
+    assert problems == []
+    assert [(i.text, i.speaker) for i in items] == [
+        ("Hello, world.", "anna"),
+        ("Plain text.", "ben"),
+    ]
+
+
 def test_commonvoice(commonvoice: Path):
     assert detect_format(commonvoice) == "commonvoice"
     items, problems = read_corpus(commonvoice)
@@ -178,7 +194,7 @@ def test_archive_wrapper_folder_is_looked_through(tmp_path: Path, coqui: Path):
 
 def test_unrecognised_folder_says_what_was_expected(tmp_path: Path):
     write_audio(tmp_path / "random.wav")
-    with pytest.raises(ValueError, match="LJSpeech .* VCTK .* audio_file|text|speaker_name"):
+    with pytest.raises(ValueError, match=r"LJSpeech .* VCTK .* audio_file\|text\|speaker_name"):
         detect_format(tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         detect_format(tmp_path / "random.wav")

@@ -4,16 +4,17 @@ through a real worker and real Redis (marked integration)."""
 from __future__ import annotations
 
 import multiprocessing
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from conftest import wait_until
+from django.utils import timezone
 from test_corpus import SR, speechlike, write_audio
 
-from studio import datasets as service
+from studio.datasets import importing, tasks
 from studio.models import Dataset, Utterance
 
 
@@ -24,6 +25,7 @@ def media(settings, tmp_path: Path, monkeypatch) -> Path:
     settings.STUDIO_DATASETS_DIR = root / "datasets"
     monkeypatch.setenv("STUDIO_MEDIA_ROOT", str(root))
     monkeypatch.setenv("STUDIO_PREPROCESS_WORKERS", "1")
+    settings.STUDIO_PREPROCESS_WORKERS = 1
     return root
 
 
@@ -66,7 +68,7 @@ def test_import_stores_utterances_speakers_and_problems(user, media, tmp_path):
         f.write(b"wavs/cd.wav|Caf\xe9 au lait.|anna\n")  # Latin-1, not UTF-8
         f.write(b"wavs/zero.wav|Nothing.|ben\nwavs/corrupt.wav|Broken.|ben\n")
         f.write(b"wavs/anna_0.wav|Listed twice.|anna\n")
-    dataset = service.import_dataset(folder_dataset(user, root).pk)
+    dataset = importing.import_dataset(folder_dataset(user, root).pk)
     assert dataset.status == Dataset.Status.IMPORTED
     assert dataset.format == "coqui"  # detected and remembered
     assert dataset.n_utterances == 7 and dataset.n_speakers == 2
@@ -106,7 +108,7 @@ def test_import_other_layouts(user, media, tmp_path, layout):
             write_audio(root / "clips" / f"c{n}.wav")
         rows = "".join(f"client{n % 2}\tc{n}.wav\tHello {n}.\n" for n in range(3))
         (root / "validated.tsv").write_text("client_id\tpath\tsentence\n" + rows)
-    dataset = service.import_dataset(folder_dataset(user, root).pk)
+    dataset = importing.import_dataset(folder_dataset(user, root).pk)
     assert dataset.status == Dataset.Status.IMPORTED and dataset.format == layout
     assert dataset.n_utterances in (2, 3) and problems_of(dataset) == {}
 
@@ -115,7 +117,7 @@ def test_import_other_layouts(user, media, tmp_path, layout):
 def test_missing_column_fails_the_import_with_the_reason(user, media, tmp_path):
     root = make_corpus(tmp_path / "corpus")
     (root / "metadata.csv").write_text("audio_file|speaker_name\nwavs/anna_0.wav|anna\n")
-    dataset = service.import_dataset(folder_dataset(user, root).pk)
+    dataset = importing.import_dataset(folder_dataset(user, root).pk)
     assert dataset.status == Dataset.Status.FAILED
     assert "No usable utterances" in dataset.status_message
     assert "no 'text' column" in dataset.status_message
@@ -125,7 +127,7 @@ def test_missing_column_fails_the_import_with_the_reason(user, media, tmp_path):
 @pytest.mark.django_db
 def test_unrecognised_folder_fails_with_the_expected_layouts(user, media, tmp_path):
     (tmp_path / "junk").mkdir()
-    dataset = service.import_dataset(folder_dataset(user, tmp_path / "junk").pk)
+    dataset = importing.import_dataset(folder_dataset(user, tmp_path / "junk").pk)
     assert dataset.status == Dataset.Status.FAILED
     assert "could not recognise a corpus" in dataset.status_message
 
@@ -133,32 +135,33 @@ def test_unrecognised_folder_fails_with_the_expected_layouts(user, media, tmp_pa
 @pytest.mark.django_db
 def test_import_resumes_without_duplicates(user, media, tmp_path):
     root = make_corpus(tmp_path / "corpus")
-    dataset = service.import_dataset(folder_dataset(user, root).pk)
+    dataset = importing.import_dataset(folder_dataset(user, root).pk)
     first = dict(dataset.utterances.values_list("item_id", "pk"))
     # A worker died half way: some rows written, status still "importing".
     dataset.utterances.filter(item_id__startswith="ben").delete()
     Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.IMPORTING)
-    dataset = service.import_dataset(dataset.pk)
+    dataset = importing.import_dataset(dataset.pk)
     assert dataset.status == Dataset.Status.IMPORTED and dataset.n_utterances == 6
     again = dict(dataset.utterances.values_list("item_id", "pk"))
     assert {k: v for k, v in again.items() if k.startswith("anna")} == {
         k: v for k, v in first.items() if k.startswith("anna")
     }
     # A repeated delivery of a finished import does nothing.
-    assert service.import_dataset(dataset.pk) is None
+    assert importing.import_dataset(dataset.pk) is None
 
 
 @pytest.mark.django_db
-def test_progress_writes_fraction_eta_and_heartbeat(user, media):
+def test_progress_writes_fraction_eta_and_heartbeat(user, media, monkeypatch):
+    clock = iter([1000.0, 1000.0, 1002.0])  # a patched clock: 20 files in 2 s
+    monkeypatch.setattr(importing.time, "monotonic", lambda: next(clock))
     dataset = Dataset.objects.create(owner=user, name="p", status=Dataset.Status.PREPROCESSING)
     before = Dataset.objects.get(pk=dataset.pk).updated
-    progress = service._Progress(dataset, "Preprocessing")
+    progress = importing._Progress(dataset, "Preprocessing")
     progress(10, 100)  # the first call marks where this attempt started (reused work)
-    time.sleep(1.1)
     progress(30, 100)
     row = Dataset.objects.get(pk=dataset.pk)
     assert row.progress == pytest.approx(0.3)
-    assert 3.0 < row.eta_seconds < 10.0  # 20 files in ~1.1 s, 70 to go
+    assert row.eta_seconds == pytest.approx(7.0)  # 20 files in 2 s, 70 to go
     assert row.status_message == "Preprocessing: 30 of 100 files"
     assert row.updated > before
 
@@ -169,17 +172,17 @@ def test_stale_busy_datasets_are_queued_again(user, media, django_capture_on_com
 
     from django.utils import timezone
 
-    old = timezone.now() - service.stale_after() - timedelta(seconds=5)
+    old = timezone.now() - importing.stale_after() - timedelta(seconds=5)
     dead = Dataset.objects.create(owner=user, name="dead", status=Dataset.Status.PREPROCESSING)
     alive = Dataset.objects.create(owner=user, name="alive", status=Dataset.Status.IMPORTING)
     Dataset.objects.filter(pk=dead.pk).update(updated=old)
     with django_capture_on_commit_callbacks() as callbacks:
-        assert service.resume_stale() == [dead.pk]
+        assert tasks.resume_stale() == [dead.pk]
     assert len(callbacks) == 1
     dead.refresh_from_db()
-    assert service.is_stale(dead) is False  # claimed: a second worker starting now skips it
-    assert service.resume_stale() == []
-    assert service.is_stale(alive) is False
+    assert tasks.is_stale(dead) is False  # claimed: a second worker starting now skips it
+    assert tasks.resume_stale() == []
+    assert tasks.is_stale(alive) is False
 
 
 # --------------------------------------------------------------------------- preprocessing (service)
@@ -192,9 +195,9 @@ def test_preprocess_stores_split_embeddings_and_audio_problems(user, media, tmp_
     sf.write(root / "wavs" / "loud.wav", np.clip(speechlike(1.0) * 8, -1, 1), SR)
     with (root / "metadata.csv").open("a") as f:
         f.write("wavs/silent.wav|Nothing to hear.|anna\nwavs/loud.wav|Far too loud.|ben\n")
-    dataset = service.import_dataset(folder_dataset(user, root).pk)
+    dataset = importing.import_dataset(folder_dataset(user, root).pk)
     assert dataset.n_utterances == 10  # headers look fine; the samples decide below
-    dataset = service.preprocess_dataset(dataset.pk, workers=1)
+    dataset = importing.preprocess_dataset(dataset.pk, workers=1)
     assert dataset.status == Dataset.Status.READY, dataset.status_message
     assert dataset.is_ready and Path(dataset.cache_dir, "meta.json").is_file()
     assert dataset.n_utterances == 9
@@ -212,7 +215,7 @@ def test_preprocess_stores_split_embeddings_and_audio_problems(user, media, tmp_
     feats = sorted(Path(dataset.cache_dir, "feats").glob("*.pt"))
     stamps = {p: p.stat().st_mtime_ns for p in feats}
     Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.IMPORTED)
-    dataset = service.preprocess_dataset(dataset.pk, workers=1)
+    dataset = importing.preprocess_dataset(dataset.pk, workers=1)
     assert dataset.status == Dataset.Status.READY
     assert {p: p.stat().st_mtime_ns for p in feats} == stamps
 
@@ -220,17 +223,17 @@ def test_preprocess_stores_split_embeddings_and_audio_problems(user, media, tmp_
 @pytest.mark.django_db
 def test_preprocess_is_skipped_unless_imported(user, media):
     dataset = Dataset.objects.create(owner=user, name="new")
-    assert service.preprocess_dataset(dataset.pk) is None
-    assert service.preprocess_dataset(999_999) is None
+    assert importing.preprocess_dataset(dataset.pk) is None
+    assert importing.preprocess_dataset(999_999) is None
 
 
 def _workers_in_child(queue) -> None:
-    queue.put(service.preprocess_workers())
+    queue.put(importing.preprocess_workers())
 
 
-def test_several_preprocess_processes_only_where_children_are_allowed(monkeypatch):
-    monkeypatch.setenv("STUDIO_PREPROCESS_WORKERS", "3")
-    assert service.preprocess_workers() == 3
+def test_several_preprocess_processes_only_where_children_are_allowed(settings):
+    settings.STUDIO_PREPROCESS_WORKERS = 3
+    assert importing.preprocess_workers() == 3
     # A task in Celery's prefork pool runs in a daemonic process, like this one.
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
@@ -241,13 +244,11 @@ def test_several_preprocess_processes_only_where_children_are_allowed(monkeypatc
 
 
 @pytest.mark.django_db
-def test_preprocess_task_with_two_processes(user, media, tmp_path, monkeypatch):
+def test_preprocess_task_with_two_processes(user, media, tmp_path, settings):
     """The task body as a solo-pool worker runs it: in a process that may start children."""
-    from studio.tasks_datasets import preprocess_dataset_task
-
-    monkeypatch.setenv("STUDIO_PREPROCESS_WORKERS", "2")
-    dataset = service.import_dataset(folder_dataset(user, make_corpus(tmp_path / "c")).pk)
-    assert preprocess_dataset_task(dataset.pk) == Dataset.Status.READY
+    settings.STUDIO_PREPROCESS_WORKERS = 2
+    dataset = importing.import_dataset(folder_dataset(user, make_corpus(tmp_path / "c")).pk)
+    assert tasks.preprocess_dataset(dataset.pk) == Dataset.Status.READY
     dataset.refresh_from_db()
     assert dataset.n_utterances == 6 and all(s.embedding for s in dataset.speakers.all())
 
@@ -271,7 +272,7 @@ FINAL = (Dataset.Status.IMPORTED, Dataset.Status.READY, Dataset.Status.FAILED)
 def test_dev_corpus_imports_through_the_worker(user, media, corpora_dir, start_worker):
     worker = start_worker(queues="cpu")
     dataset = folder_dataset(user, corpora_dir / "dev-en-8spk")
-    service.queue_import(dataset, preprocess=False)  # preprocessing is measured by the bench
+    tasks.queue_import(dataset, preprocess=False)  # preprocessing is measured by the bench
     dataset = _wait_status(dataset.pk, FINAL, timeout=180)
     assert dataset.status == Dataset.Status.IMPORTED, (dataset.status_message, worker.log()[-3000:])
     assert dataset.n_utterances == 800 and dataset.n_speakers == 8
@@ -298,7 +299,8 @@ def test_upload_imports_and_preprocesses_through_the_worker(user, media, tmp_pat
         zf.writestr("../../escape.txt", "x")
     start_worker(queues="cpu")
     archive = SimpleUploadedFile("mine.zip", buffer.getvalue())
-    dataset = service.create_from_upload(user, "Mine", archive, "auto", "en")
+    dataset = importing.create_from_upload(user, "Mine", archive, "auto", "en")
+    tasks.queue_import(dataset)
     dataset = _wait_status(dataset.pk, (Dataset.Status.READY, Dataset.Status.FAILED), 240)
     assert dataset.status == Dataset.Status.READY, dataset.status_message
     assert dataset.n_utterances == 6 and dataset.n_speakers == 2
@@ -315,7 +317,7 @@ def test_preprocessing_resumes_after_the_worker_is_killed(
     root = make_corpus(tmp_path / "corpus", speakers=("anna", "ben", "cleo"), per_speaker=10)
     dataset = folder_dataset(user, root)
     first = start_worker(queues="cpu", name="first")
-    service.queue_import(dataset)
+    tasks.queue_import(dataset)
     feats = media / "datasets" / str(dataset.pk) / "features" / "feats"
     wait_until(lambda: len(list(feats.glob("*.pt"))) >= 4, timeout=180, message="some features")
     first.kill()
@@ -324,8 +326,9 @@ def test_preprocessing_resumes_after_the_worker_is_killed(
     assert Dataset.objects.get(pk=dataset.pk).status == Dataset.Status.PREPROCESSING
 
     # The next worker to start finds the dataset stale and takes it up again.
+    # Its row went quiet long ago, as far as the next worker can tell (no sleeping).
     monkeypatch.setenv("STUDIO_DATASET_STALE_SECONDS", "1")
-    time.sleep(1.5)
+    Dataset.objects.filter(pk=dataset.pk).update(updated=timezone.now() - timedelta(seconds=60))
     start_worker(queues="cpu", name="second")
     dataset = _wait_status(dataset.pk, (Dataset.Status.READY, Dataset.Status.FAILED), 240)
     assert dataset.status == Dataset.Status.READY, dataset.status_message

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_corpus import write_audio
 
-from studio import datasets as service
+from studio.datasets import importing, reports
 from studio.models import Dataset
 
 pytestmark = pytest.mark.django_db
@@ -64,7 +64,7 @@ def imported(user, private_media) -> Dataset:
     dataset = Dataset.objects.create(
         owner=user, name="Voice", source=Dataset.Source.FOLDER, source_path=str(folder)
     )
-    service.import_dataset(dataset.pk)
+    importing.import_dataset(dataset.pk)
     dataset.refresh_from_db()
     return dataset
 
@@ -127,7 +127,7 @@ def test_upload_creates_a_dataset_and_queues_the_import(
     assert Path(dataset.source_path).read_bytes() == archive
     assert len(callbacks) == 1  # the Celery task, sent once the row is committed
     # What the task does, run here: unpack, read, check.
-    service.import_dataset(dataset.pk)
+    importing.import_dataset(dataset.pk)
     dataset.refresh_from_db()
     assert dataset.status == Dataset.Status.IMPORTED
     assert dataset.n_utterances == 6 and dataset.n_speakers == 2
@@ -179,7 +179,7 @@ def test_hostile_archive_keeps_good_files_and_lists_the_rest(client_user, user, 
     )
     upload(client_user, archive)
     dataset = Dataset.objects.get(owner=user)
-    service.import_dataset(dataset.pk)
+    importing.import_dataset(dataset.pk)
     dataset.refresh_from_db()
     assert dataset.status == Dataset.Status.IMPORTED and dataset.n_utterances == 6
     assert not (private_media / "media" / "datasets" / "escape.txt").exists()
@@ -198,13 +198,13 @@ def test_zip_bomb_fails_with_a_clear_message(client_user, user):
         zf.writestr("corpus/wavs/bomb.wav", bytes(64 * 1024 * 1024))
     upload(client_user, buffer.getvalue())
     dataset = Dataset.objects.get(owner=user)
-    service.import_dataset(dataset.pk)
+    importing.import_dataset(dataset.pk)
     dataset.refresh_from_db()
     assert dataset.status == Dataset.Status.FAILED
     assert "zip bomb" in dataset.status_message
     page = client_user.get(f"/datasets/{dataset.pk}/")
     assert page.status_code == 200 and "zip bomb" in page.content.decode()
-    assert not service.raw_dir(dataset).exists()
+    assert not importing.raw_dir(dataset).exists()
 
 
 # --------------------------------------------------------------------------- register a folder
@@ -297,7 +297,7 @@ def test_problems_csv_lists_every_problem(client_user, imported):
 
 
 def test_csv_cells_cannot_become_spreadsheet_formulas():
-    assert service.csv_line(["=HYPERLINK(1)", "ok"]).startswith("'=HYPERLINK")
+    assert reports.csv_line(["=HYPERLINK(1)", "ok"]).startswith("'=HYPERLINK")
 
 
 def test_pictures_and_audio(client_user, imported):

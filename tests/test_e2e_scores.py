@@ -38,11 +38,13 @@ def rows(user, trained_checkpoint) -> dict[str, Checkpoint]:
     return {
         "fresh": make(run=run, step=2, path=str(trained_checkpoint), is_best=True),
         "broken": make(
-            run=run, step=4, path=str(trained_checkpoint),
+            run=run,
+            step=4,
+            path=str(trained_checkpoint),
             scores={"state": "error", "error": "the checkpoint file /x.pt is missing"},
         ),
         "scored": make(run=run, step=6, path=str(trained_checkpoint), scores=test_scores.DONE),
-    }  # fmt: skip
+    }
 
 
 def test_score_button_fills_the_row_live(rows, start_worker, live_studio, browser):
@@ -72,8 +74,9 @@ def test_score_button_fills_the_row_live(rows, start_worker, live_studio, browse
     page.evaluate("window.__sameDocument = true")  # gone if the page reloads from here on
     wait_until(
         lambda: "SECS" in row("fresh").inner_text() or "Not scored" in row("fresh").inner_text(),
-        120, message="the scores over the socket",
-    )  # fmt: skip
+        120,
+        message="the scores over the socket",
+    )
     text = row("fresh").inner_text()
     assert "SECS" in text and "MCD" in text and "dB" in text and "RTF" in text, text
     assert "scoring…" not in text and row("fresh").locator("button").count() == 1

@@ -22,7 +22,8 @@ def test_visibility_owner_sees_own_staff_sees_all(user, other_user, staff_user):
     assert list(Run.objects.visible_to(user)) == [mine]
     assert list(Run.objects.visible_to(other_user)) == [theirs]
     assert set(Run.objects.visible_to(staff_user)) == {mine, theirs}
-    assert mine.visible_to(user) and not mine.visible_to(other_user) and mine.visible_to(staff_user)
+    assert mine.is_visible_to(user)
+    assert not mine.is_visible_to(other_user) and mine.is_visible_to(staff_user)
     assert set(Dataset.objects.visible_to(user)) == {mine.dataset}
     assert set(TrainingConfig.objects.visible_to(other_user)) == {theirs.config}
 
@@ -32,7 +33,7 @@ def test_anonymous_sees_nothing(user):
 
     make_run(user)
     assert not Run.objects.visible_to(AnonymousUser()).exists()
-    assert not Checkpoint.visible_to(AnonymousUser()).exists()
+    assert not Checkpoint.objects.visible_to(AnonymousUser()).exists()
 
 
 def test_config_round_trips_to_training_config(user):

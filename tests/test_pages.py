@@ -9,7 +9,7 @@ pytestmark = pytest.mark.django_db
 NAV_PAGES = ["/", "/datasets/", "/configs/", "/runs/", "/configs/new/"]
 
 
-@pytest.mark.parametrize("url", NAV_PAGES + ["/admin/"])
+@pytest.mark.parametrize("url", [*NAV_PAGES, "/admin/"])
 def test_anonymous_is_sent_to_sign_in(client, url):
     response = client.get(url)
     assert response.status_code == 302
@@ -35,11 +35,28 @@ def test_wrong_password_is_a_message_not_an_error(client, user):
 
 
 def test_config_form_refuses_mel_weight_35_with_range(client_user):
-    data = {"name": "old", "model_size": "tiny", "optimization_level": "basic", "batch_size": 16, "steps": 100,
-            "learning_rate": 1e-3, "lr_warmup_steps": 10, "grad_clip_norm": 1.0, "grad_accum_steps": 1,
-            "eval_every": 50, "checkpoint_every": 50, "seed": 1, "use_adaptive_weights": "on",
-            "mel_loss_weight": 35, "kl_loss_weight": 1, "duration_loss_weight": 1, "pitch_loss_weight": 0.1,
-            "energy_loss_weight": 0.1, "align_loss_weight": 1, "bin_loss_weight": 0.1}  # fmt: skip
+    data = {
+        "name": "old",
+        "model_size": "tiny",
+        "optimization_level": "basic",
+        "batch_size": 16,
+        "steps": 100,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 10,
+        "grad_clip_norm": 1.0,
+        "grad_accum_steps": 1,
+        "eval_every": 50,
+        "checkpoint_every": 50,
+        "seed": 1,
+        "use_adaptive_weights": "on",
+        "mel_loss_weight": 35,
+        "kl_loss_weight": 1,
+        "duration_loss_weight": 1,
+        "pitch_loss_weight": 0.1,
+        "energy_loss_weight": 0.1,
+        "align_loss_weight": 1,
+        "bin_loss_weight": 0.1,
+    }
     response = client_user.post("/configs/new/", data)
     assert response.status_code == 400
     assert b"safe range 1-5" in response.content

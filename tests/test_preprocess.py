@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from training.audio import n_frames
-from training.data import make_loader, read_meta
+from training.data import BucketBatchSampler, FeatureDataset, collate, read_meta
 from training.preprocess import feature_name, preprocess_corpus, split_of
 from training.text import SymbolTable
 
@@ -90,7 +90,7 @@ def built(corpus, tmp_path_factory):
 
 
 def test_result_counts_and_progress(built):
-    out, result, calls = built
+    _out, result, calls = built
     assert (result.total, result.kept, result.dropped, result.reused) == (11, 8, 3, 0)
     assert result.train + result.val == 8 and result.val >= 1
     assert not result.stopped and result.text_backend == "chars"
@@ -111,7 +111,7 @@ def test_problems_are_reported_per_file(built):
 
 
 def test_meta_and_items(built):
-    out, result, _ = built
+    out, _result, _ = built
     meta = read_meta(out)
     assert meta["audio"]["sample_rate"] == 22050 and meta["audio"]["n_mels"] == 80
     assert meta["language"] == "en" and meta["text"] == {"lang": "en", "backend": "chars"}
@@ -149,7 +149,7 @@ def test_feature_files(built):
         T = it["n_frames"]
         assert feats["mel"].shape == (80, T) and feats["mel"].dtype == torch.float16
         assert feats["pitch"].shape == (T,) and feats["energy"].shape == (T,)
-        assert T == n_frames(round(it["duration_s"] * SR))
+        assert n_frames(round(it["duration_s"] * SR)) == T
         assert feats["spk_emb"].shape == (256,)
         assert feats["tokens"].dtype == torch.long and feats["tokens"].numel() == it["n_tokens"]
         assert table.decode(feats["tokens"].tolist()) == [
@@ -174,13 +174,14 @@ def test_speaker_embeddings_are_unit_vectors(built):
 
 def test_the_cache_feeds_a_loader(built):
     out, _, _ = built
-    batch = next(iter(make_loader(out, "train", batch_size=4)))
+    dataset = FeatureDataset(out, "train")
+    batch = collate([dataset[i] for i in BucketBatchSampler(dataset.lengths, 4).batches()[0]])
     assert batch["mels"].shape[:2] == (len(batch["ids"]), 80)
     assert batch["tokens"].max() < len(read_meta(out)["symbols"])
 
 
 def test_rerun_reuses_and_redoes_only_what_changed(corpus, tmp_path):
-    root, items, _ = corpus
+    _root, items, _ = corpus
     first = preprocess_corpus(items[:4], tmp_path, text_backend="chars")
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "feats").iterdir()}
     again = preprocess_corpus(items[:4], tmp_path, text_backend="chars")
@@ -189,7 +190,7 @@ def test_rerun_reuses_and_redoes_only_what_changed(corpus, tmp_path):
 
     # A changed transcript redoes that utterance; a new symbol re-encodes the others' tokens
     # without touching their audio features.
-    changed = [SimpleNamespace(**vars(items[0]))] + items[1:4]
+    changed = [SimpleNamespace(**vars(items[0])), *items[1:4]]
     changed[0].text = "Zebras quiz xylophones."
     third = preprocess_corpus(changed, tmp_path, text_backend="chars")
     assert third.reused == 3

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 
-from studio.diagnostics import diagnose
+from studio.runs.diagnostics import diagnose
 
 CONFIG = {
-    "size": "tiny", "batch_size": 16, "optimization_level": "enhanced", "learning_rate": 2e-3,
-    "lr_warmup_steps": 100, "grad_clip_norm": 1.0, "gradient_norm_threshold": 5.0,
+    "size": "tiny",
+    "batch_size": 16,
+    "optimization_level": "enhanced",
+    "learning_rate": 2e-3,
+    "lr_warmup_steps": 100,
+    "grad_clip_norm": 1.0,
+    "gradient_norm_threshold": 5.0,
     "num_workers": 0,
-}  # fmt: skip
+}
 
 
 def series(values, start=1):

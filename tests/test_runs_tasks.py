@@ -21,7 +21,7 @@ from django.db.models import Count
 
 from studio.models import MetricPoint, Run, RunEvent
 from studio.routing import websocket_urlpatterns
-from studio.tasks_training import claim, owner_gone, queue_run, train_run
+from studio.runs.tasks import train
 from tests.conftest import wait_until
 from tests.fixtures_runs import tiny_config, tiny_run
 
@@ -65,7 +65,7 @@ async def test_tiny_run_goes_queued_running_succeeded_live(user, start_worker):
     history = await comm.receive_json_from(timeout=5)
     assert history["run"]["status"] == "queued" and history["points"] == []
 
-    await sync_to_async(queue_run)(run)
+    await sync_to_async(run.enqueue)()
     statuses, live_steps, samples = [], [], []
     while "succeeded" not in statuses and "failed" not in statuses:
         msg = await comm.receive_json_from(timeout=180)
@@ -102,7 +102,7 @@ async def test_tiny_run_goes_queued_running_succeeded_live(user, start_worker):
 def test_cancel_stops_the_run_and_resume_finishes_it(user, client, start_worker):
     start_worker("gpu")
     run = tiny_run(user, steps=400, checkpoint_every=400, eval_every=400)
-    queue_run(run)
+    run.enqueue()
     wait_until(lambda: status_of(run) == "running" and loss_steps(run), 120, message="training")
     client.force_login(user)
     client.post(f"/runs/{run.pk}/cancel/")
@@ -126,7 +126,7 @@ def test_cancel_stops_the_run_and_resume_finishes_it(user, client, start_worker)
 def test_killed_worker_leaves_run_interrupted_and_a_new_one_resumes_it(user, start_worker):
     first = start_worker("gpu")
     run = tiny_run(user, steps=14, checkpoint_every=4, eval_every=100)
-    queue_run(run)
+    run.enqueue()
 
     def past_a_checkpoint():
         run.refresh_from_db()
@@ -138,7 +138,7 @@ def test_killed_worker_leaves_run_interrupted_and_a_new_one_resumes_it(user, sta
     run.refresh_from_db()
     killed_at = run.current_step
     assert run.status == Run.Status.RUNNING  # nobody has noticed yet
-    wait_until(lambda: owner_gone(run, HOST), 15, message="the killed process to be gone")
+    wait_until(lambda: run.owner_gone(HOST), 15, message="the killed process to be gone")
 
     # Any worker starting on this machine notices. A cpu-only one cannot train it, so the
     # run stays visibly interrupted until a gpu worker comes.
@@ -168,7 +168,7 @@ def test_worker_refuses_a_stored_config_outside_the_safe_ranges(user):
     Run.objects.filter(pk=run.pk).update(
         config_snapshot=dict(run.config_snapshot, mel_loss_weight=40.0, learning_rate=0.5)
     )
-    assert train_run(run.pk) == "failed"
+    assert train(run.pk) == "failed"
     run.refresh_from_db()
     assert run.status == Run.Status.FAILED
     assert "mel_loss_weight: 40 is outside the safe range 1-5" in run.error
@@ -180,7 +180,7 @@ def test_a_run_that_is_not_ready_fails_with_the_reason(user):
     run = tiny_run(user)
     run.dataset.status = "preprocessing"
     run.dataset.save()
-    assert train_run(run.pk) == "failed"
+    assert train(run.pk) == "failed"
     run.refresh_from_db()
     assert "not ready for training" in run.error
 
@@ -188,31 +188,31 @@ def test_a_run_that_is_not_ready_fails_with_the_reason(user):
 def test_claim_takes_a_run_once_and_never_from_a_live_worker(user, other_user):
     run = tiny_run(user)
     me = f"celery@{HOST}:{os.getpid()}"
-    taken, how = claim(run.pk, me, HOST)
+    taken, how = Run.claim(run.pk, me, HOST)
     assert taken is not None and how == "start" and taken.attempts == 1
     # The same message again while this (live) process trains it: a duplicate, dropped, even
     # after a cancel request (the live worker answers that itself).
-    assert claim(run.pk, "other@" + HOST + ":1", HOST) == (None, f"duplicate: {me}")
+    assert Run.claim(run.pk, "other@" + HOST + ":1", HOST) == (None, f"duplicate: {me}")
     Run.objects.filter(pk=run.pk).update(cancel_requested=True)
-    assert claim(run.pk, "other@" + HOST + ":1", HOST) == (None, f"duplicate: {me}")
+    assert Run.claim(run.pk, "other@" + HOST + ":1", HOST) == (None, f"duplicate: {me}")
     assert status_of(run) == "running"
     Run.objects.filter(pk=run.pk).update(cancel_requested=False)
     # The process that held it is gone: the redelivered message resumes it.
     Run.objects.filter(pk=run.pk).update(worker=f"celery@{HOST}:999999999")
-    taken, how = claim(run.pk, me, HOST)
+    taken, how = Run.claim(run.pk, me, HOST)
     assert how == "redelivered" and taken.attempts == 2
     assert RunEvent.objects.filter(run=run, kind="interrupted").exists()
     # Held on another machine with a fresh heartbeat: not taken (the task retries later).
     Run.objects.filter(pk=run.pk).update(worker="celery@elsewhere:1")
-    assert claim(run.pk, me, HOST)[1] == "busy elsewhere: celery@elsewhere:1"
+    assert Run.claim(run.pk, me, HOST)[1] == "busy elsewhere: celery@elsewhere:1"
     # Finished runs are never trained again, whatever the broker redelivers.
     Run.objects.filter(pk=run.pk).update(status=Run.Status.SUCCEEDED)
-    assert claim(run.pk, me, HOST) == (None, "already succeeded")
-    assert train_run(run.pk) == "already succeeded"
+    assert Run.claim(run.pk, me, HOST) == (None, "already succeeded")
+    assert train(run.pk) == "already succeeded"
 
 
 def test_a_cancelled_queued_run_is_not_started(user):
     run = tiny_run(user, config=tiny_config(user))
     Run.objects.filter(pk=run.pk).update(cancel_requested=True)
-    assert train_run(run.pk) == "cancelled before it started"
+    assert train(run.pk) == "cancelled before it started"
     assert status_of(run) == "cancelled"

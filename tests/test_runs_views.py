@@ -21,8 +21,9 @@ from studio.models import (
     RunEvent,
     TrainingConfig,
 )
-from studio.tasks_training import mel_png, wav_bytes
+from synthesis.pictures import mel_png
 from tests.fixtures_runs import ready_dataset, tiny_config, tiny_run
+from training.audio import wav_bytes
 from training.config import preset
 
 pytestmark = pytest.mark.django_db
@@ -69,10 +70,17 @@ def test_starting_a_preset_run_queues_it_on_the_gpu_queue_after_commit(
     with django_capture_on_commit_callbacks() as callbacks:
         page = client_user.post(
             "/runs/new/",
-            {"name": "first voice", "dataset": dataset.pk, "source": "preset",
-             "model_size": "tiny", "optimization_level": "enhanced", "steps": 30,
-             "eval_every": 10, "start": "scratch"},
-        )  # fmt: skip
+            {
+                "name": "first voice",
+                "dataset": dataset.pk,
+                "source": "preset",
+                "model_size": "tiny",
+                "optimization_level": "enhanced",
+                "steps": 30,
+                "eval_every": 10,
+                "start": "scratch",
+            },
+        )
     run = Run.objects.get(name="first voice")
     assert page.status_code == 302 and page["Location"] == f"/runs/{run.pk}/"
     assert run.status == Run.Status.QUEUED and len(callbacks) == 1
@@ -92,10 +100,16 @@ def test_starting_a_preset_run_queues_it_on_the_gpu_queue_after_commit(
 def test_batch_outside_the_recommended_range_warns_but_starts(client_user, dataset):
     with_warning = client_user.post(
         "/runs/new/",
-        {"dataset": dataset.pk, "source": "preset", "model_size": "tiny",
-         "optimization_level": "basic", "batch_size": 64, "start": "scratch"},
+        {
+            "dataset": dataset.pk,
+            "source": "preset",
+            "model_size": "tiny",
+            "optimization_level": "basic",
+            "batch_size": 64,
+            "start": "scratch",
+        },
         follow=True,
-    )  # fmt: skip
+    )
     assert with_warning.status_code == 200
     assert "outside the recommended 8-16" in with_warning.content.decode()
     assert Run.objects.get().config_snapshot["batch_size"] == 64
@@ -177,10 +191,18 @@ def test_run_page_shows_record_controls_and_diagnoses(client_user, user, dataset
         run=run, step=11, kind="adaptive", message="mel weight 2.5 -> 2.375 applied: grad growing"
     )
     RunEvent.objects.create(
-        run=run, step=12, kind="diagnosis", message="Input-bound steps: ...",
-        data={"code": "input_bound", "title": "Input-bound steps", "evidence": "steps wait 80%",
-              "advice": ["raise num_workers"], "severity": "warning"},
-    )  # fmt: skip
+        run=run,
+        step=12,
+        kind="diagnosis",
+        message="Input-bound steps: ...",
+        data={
+            "code": "input_bound",
+            "title": "Input-bound steps",
+            "evidence": "steps wait 80%",
+            "advice": ["raise num_workers"],
+            "severity": "warning",
+        },
+    )
     sample = sample_row(run, step=12)
     ckpt = Checkpoint.objects.create(run=run, step=12, path=str(checkpoint_file(run, 12)))
     html = client_user.get(f"/runs/{run.pk}/").content.decode()
@@ -200,10 +222,13 @@ def test_other_users_runs_and_their_files_are_404(client, user, other_user, data
     sample = sample_row(run)
     client.force_login(other_user)
     for url in (
-        f"/runs/{run.pk}/", f"/runs/{run.pk}/log/", f"/runs/{run.pk}/metrics.json",
-        f"/runs/checkpoints/{ckpt.pk}/download/", f"/runs/samples/{sample.pk}/audio.wav",
+        f"/runs/{run.pk}/",
+        f"/runs/{run.pk}/log/",
+        f"/runs/{run.pk}/metrics.json",
+        f"/runs/checkpoints/{ckpt.pk}/download/",
+        f"/runs/samples/{sample.pk}/audio.wav",
         f"/runs/samples/{sample.pk}/mel.png",
-    ):  # fmt: skip
+    ):
         assert client.get(url).status_code == 404, url
     for url in (f"/runs/{run.pk}/cancel/", f"/runs/{run.pk}/resume/"):
         assert client.post(url).status_code == 404, url

@@ -18,31 +18,45 @@ import torch
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
 from django.test import Client
 
 from studio.models import Checkpoint, Run
 from studio.routing import websocket_urlpatterns
-from studio.tasks_scores import SCORE_UTTERANCES, score_checkpoint
-from studio.tasks_training import queue_run
+from studio.runs.tasks import score_checkpoint
 from tests.fixtures_audio import feature_cache
 from tests.fixtures_runs import tiny_run
 from training.config import TrainConfig
 from training.trainer import Trainer
 
 DONE = {
-    "state": "done", "scored_at": "2025-01-01T00:00:00+00:00", "n": 4, "n_utterances": 3,
-    "secs_seen": 0.6318, "secs_real_same_speaker": 0.89, "secs_real_different_speakers": 0.56,
-    "mcd_db": 6.0908, "wer_output": 1.0, "wer_ground_truth": 0.5, "rtf": 0.0395,
+    "state": "done",
+    "scored_at": "2025-01-01T00:00:00+00:00",
+    "n": 4,
+    "n_utterances": 3,
+    "secs_seen": 0.6318,
+    "secs_real_same_speaker": 0.89,
+    "secs_real_different_speakers": 0.56,
+    "mcd_db": 6.0908,
+    "wer_output": 1.0,
+    "wer_ground_truth": 0.5,
+    "rtf": 0.0395,
     "utterances": [{"id": "x", "secs": 0.6}],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory) -> Path:
     cfg = TrainConfig(
-        size="tiny", batch_size=4, steps=2, eval_every=2, checkpoint_every=2,
-        lr_warmup_steps=1, learning_rate=2e-3, device="cpu",
-    )  # fmt: skip
+        size="tiny",
+        batch_size=4,
+        steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+        lr_warmup_steps=1,
+        learning_rate=2e-3,
+        device="cpu",
+    )
     result = Trainer(cfg, feature_cache(), tmp_path_factory.mktemp("scores") / "run").run()
     assert result.status == "finished"
     return Path(result.last_checkpoint)
@@ -69,9 +83,9 @@ def test_the_task_scores_a_trained_checkpoint_and_keeps_the_threads(user, traine
     finally:
         torch.set_num_threads(2)
     scores = fresh(ckpt)
-    assert scores["state"] == "done" and scores["n"] == SCORE_UTTERANCES
+    assert scores["state"] == "done" and scores["n"] == settings.STUDIO_SCORE_UTTERANCES
     assert datetime.fromisoformat(scores["scored_at"]).tzinfo is not None
-    assert 1 <= scores["n_utterances"] <= SCORE_UTTERANCES and scores["step"] == 2
+    assert 1 <= scores["n_utterances"] <= settings.STUDIO_SCORE_UTTERANCES and scores["step"] == 2
     assert -1.0 <= scores["secs_seen"] <= 1.0
     assert scores["mcd_db"] > 0 and math.isfinite(scores["mcd_db"])
     assert scores["wer_output"] >= 0 and scores["wer_ground_truth"] >= 0
@@ -90,7 +104,11 @@ def test_a_broken_or_missing_checkpoint_is_stored_as_a_readable_error(user, tmp_
     assert score_checkpoint(broken.pk) == "error"
     assert score_checkpoint(missing.pk) == "error"
     scores = fresh(broken)
-    assert scores["state"] == "error" and scores["n"] == SCORE_UTTERANCES and scores["scored_at"]
+    assert (
+        scores["state"] == "error"
+        and scores["n"] == settings.STUDIO_SCORE_UTTERANCES
+        and scores["scored_at"]
+    )
     assert "not a readable checkpoint" in scores["error"] and "garbage.pt" in scores["error"]
     assert fresh(missing)["error"] == f"the checkpoint file {tmp_path / 'gone.pt'} is missing"
     assert score_checkpoint(10**9) == "gone"
@@ -192,7 +210,7 @@ async def test_a_finished_run_scores_its_best_checkpoint_and_the_page_hears_it(
     comm.scope["user"] = user
     assert (await comm.connect(timeout=5))[0]
     await comm.receive_json_from(timeout=5)  # the history
-    await sync_to_async(queue_run)(run)
+    await sync_to_async(run.enqueue)()
 
     async def until_scored(step: int) -> dict:
         seen_pending = False
@@ -226,5 +244,5 @@ async def test_a_finished_run_scores_its_best_checkpoint_and_the_page_hears_it(
 
     assert await sync_to_async(press_score)() == 302
     on_demand = await until_scored(2)
-    assert on_demand["state"] == "done" and on_demand["n"] == SCORE_UTTERANCES
+    assert on_demand["state"] == "done" and on_demand["n"] == settings.STUDIO_SCORE_UTTERANCES
     await comm.disconnect()

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NAV_PAGES = ["/", "/datasets/", "/configs/", "/runs/", "/synthesize/"]
@@ -34,8 +35,19 @@ def free_port() -> int:
 
 def clean_env(port: int) -> dict:
     """The environment of a person's shell: none of the test suite's overrides."""
-    drop = {"REDIS_URL", "DATABASE_URL", "STUDIO_DATA_DIR", "DJANGO_SETTINGS_MODULE", "STUDIO_TEST_DB_NAME",
-            "STUDIO_ADMIN_PASSWORD", "VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}  # fmt: skip
+    drop = {
+        "REDIS_URL",
+        "DATABASE_URL",
+        "STUDIO_DATA_DIR",
+        "DJANGO_SETTINGS_MODULE",
+        "STUDIO_TEST_DB_NAME",
+        "STUDIO_ADMIN_PASSWORD",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "MAKEFLAGS",
+        "MFLAGS",
+        "MAKELEVEL",
+    }
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if "/.venv/" not in p)
     env["PORT"] = str(port)
@@ -134,17 +146,33 @@ def test_make_run_on_a_fresh_clone(tmp_path):
             assert r.status_code == 302 and "/accounts/login/" in r.headers["Location"], url
 
         s = sign_in(studio.base, password)
-        for url in NAV_PAGES + ["/admin/"]:
+        for url in [*NAV_PAGES, "/admin/"]:
             assert s.get(studio.base + url, timeout=30).status_code == 200, url
 
         page = s.get(studio.base + "/configs/new/").text
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        form = {"csrfmiddlewaretoken": token, "name": "kept-across-restarts", "model_size": "tiny",
-                "optimization_level": "basic", "batch_size": 16, "steps": 100, "learning_rate": 0.001,
-                "lr_warmup_steps": 10, "grad_clip_norm": 1, "grad_accum_steps": 1, "eval_every": 50,
-                "checkpoint_every": 50, "seed": 1, "mel_loss_weight": 2.5, "kl_loss_weight": 1,
-                "duration_loss_weight": 1, "pitch_loss_weight": 0.1, "energy_loss_weight": 0.1,
-                "align_loss_weight": 1, "bin_loss_weight": 0.1}  # fmt: skip
+        form = {
+            "csrfmiddlewaretoken": token,
+            "name": "kept-across-restarts",
+            "model_size": "tiny",
+            "optimization_level": "basic",
+            "batch_size": 16,
+            "steps": 100,
+            "learning_rate": 0.001,
+            "lr_warmup_steps": 10,
+            "grad_clip_norm": 1,
+            "grad_accum_steps": 1,
+            "eval_every": 50,
+            "checkpoint_every": 50,
+            "seed": 1,
+            "mel_loss_weight": 2.5,
+            "kl_loss_weight": 1,
+            "duration_loss_weight": 1,
+            "pitch_loss_weight": 0.1,
+            "energy_loss_weight": 0.1,
+            "align_loss_weight": 1,
+            "bin_loss_weight": 0.1,
+        }
         r = s.post(
             studio.base + "/configs/new/",
             data=form,
@@ -156,9 +184,10 @@ def test_make_run_on_a_fresh_clone(tmp_path):
     finally:
         studio.ctrl_c()
     assert studio.proc.returncode is not None
-    time.sleep(1)
-    assert not [p.cmdline() for p in studio.processes() if p.is_running()], (
-        "Ctrl-C left processes behind"
+    wait_until(
+        lambda: not [p for p in studio.processes() if p.is_running()],
+        timeout=10,
+        message="every process to stop after Ctrl-C",
     )
 
     warm = Studio(folder, port)

@@ -24,7 +24,7 @@ def mels() -> dict[str, torch.Tensor]:
         ("a", "The quiet teacher collected two loaves of bread."),
         ("b", "Nobody noticed the green door."),
     ]:
-        wav, sr = espeak_speech(text)
+        wav, _sr = espeak_speech(text)
         out[name] = audio_lib.mel_spectrogram(torch.from_numpy(wav))
     return out
 

@@ -23,7 +23,10 @@ from training.text import (
         ("Dr. Smith met Mr. and Mrs. Jones.", "doctor smith met mister and misses jones."),
         ("It costs $5.50, not $1.", "it costs five dollars fifty cents, not one dollar."),
         ("The 1st and 22nd of May", "the first and twenty second of may"),
-        ("In 1990 there were 1,234 of them", "in nineteen ninety there were one thousand two hundred thirty four of them"),
+        (
+            "In 1990 there were 1,234 of them",
+            "in nineteen ninety there were one thousand two hundred thirty four of them",
+        ),
         ("pi is 3.14", "pi is three point one four"),
         ("50% & more", "fifty percent and more"),
         ("Wait...   what?!", "wait. what?"),
@@ -32,7 +35,7 @@ from training.text import (
         ("  ,Leading punctuation", "leading punctuation"),
         ("e.g. this, i.e. that, etc.", "for example this, that is that, et cetera"),
     ],
-)  # fmt: skip
+)
 def test_normalize_en(raw, expected):
     assert normalize(raw, "en") == expected
 

@@ -8,6 +8,7 @@ filterbank or an STFT window for each of 800 files costs more than using it.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def trim_silence(
     Frames of ~46 ms (hop ~12 ms) as librosa.effects.trim does; a fully silent clip is returned
     unchanged so the caller's silence check can report it rather than get an empty tensor.
     """
-    frame = max(1, int(round(0.0464 * sr)))
+    frame = max(1, round(0.0464 * sr))
     hop = max(1, frame // 4)
     db = _frame_rms_db(wav, frame, hop)
     loud = torch.nonzero(db > db.max() - top_db).flatten()
@@ -203,7 +204,7 @@ def pitch(
     wav = wav.float().flatten()
     num = wav.numel()
     tau_min = max(2, int(sr / f_max))
-    tau_max = int(math.ceil(sr / f_min))
+    tau_max = math.ceil(sr / f_min)
     window = 2 * tau_max  # integration window: two periods of the lowest pitch
     length = window + tau_max
     # Centre frame i on sample i*hop, like torch.stft(center=True).
@@ -289,3 +290,11 @@ def griffin_lim(
     wav = gl(linear)
     peak = wav.abs().max()
     return wav / peak * 0.95 if peak > 0 else wav
+
+
+def wav_bytes(audio, sample_rate: int) -> bytes:
+    """16-bit PCM WAV of float audio, clipped to [-1, 1] so a loud sample wraps nowhere."""
+    buf = io.BytesIO()
+    samples = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    sf.write(buf, samples, sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 
 FORMAT_VERSION = 1
+# A run folder keeps its checkpoints as checkpoints/step_0001234.pt (and best.pt beside them).
+STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 CHECKPOINT_KEYS = (
     "format_version",
@@ -89,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in the unpickler
+    except Exception as exc:
         blocked = _blocked_global(exc)
         if blocked:
             # weights_only refuses any global outside torch's allow-list: a pickled class or
@@ -122,3 +125,19 @@ def _blocked_global(exc: BaseException) -> str | None:
         if "GLOBAL" in line:
             return line.strip()
     return None
+
+
+def step_checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where a run folder keeps its checkpoint of `step`."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
+
+
+def step_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The step checkpoints of a run folder, oldest first (by step, not by name or time)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := STEP_FILE.search(p.name))
+    ]
+    return [p for _, p in sorted(found)]

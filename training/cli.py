@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from training.config import OPTIMIZATION_LEVELS, UnsafeConfig, batch_warning, preset
 from training.model import MODEL_SIZES
+from training.trainer import Callbacks, Trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +116,7 @@ def preprocess(args) -> int:
     return 0
 
 
-class ProgressBar:
+class ProgressBar(Callbacks):
     """Callbacks that drive a tqdm bar and print evals, events and checkpoints above it."""
 
     def __init__(self, bar: tqdm):
@@ -147,7 +148,6 @@ class ProgressBar:
 
 
 def train(args) -> int:
-    from training.trainer import Trainer
 
     cfg = preset(args.size, args.level)
     overrides = {

@@ -13,6 +13,7 @@ Layouts (`FORMATS`):
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,10 +59,6 @@ class Problem:
     code: str
     message: str
     severity: str  # "error" (utterance dropped) or "warning" (kept)
-
-    @property
-    def is_error(self) -> bool:
-        return self.severity == "error"
 
 
 def _error(item_id: str, path: str, code: str, message: str) -> Problem:
@@ -183,6 +180,15 @@ def _metadata_lines(
             _error("", path.name, "missing_file", f"{path.name} could not be read ({exc.strerror})")
         )
         return None
+
+
+def _fields(line: str, delimiter: str, quoted: bool) -> list[str]:
+    """One metadata line split by the csv module: a quoted field may hold the delimiter
+    ("Hello, world" in a comma-separated file). LJSpeech and Common Voice never quote, and
+    their transcripts may start with a quote mark, so for them quotes are plain text."""
+    if quoted:
+        return next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_MINIMAL), [])
+    return next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE), [])
 
 
 def _clean_text(text: str) -> str:
@@ -338,8 +344,8 @@ def _read_ljspeech(root: Path) -> tuple[list[CorpusItem], list[Problem]]:
     problems: list[Problem] = []
     wavs = root / "wavs"
     for number, line, latin1 in _metadata_lines(meta, root, problems) or []:
-        fields = line.split("|")
-        raw_id = fields[0].strip()
+        fields = _fields(line, "|", quoted=False)
+        raw_id = fields[0].strip() if fields else ""
         item_id = _safe_id(raw_id)
         where = f"metadata.csv line {number}"
         # The third field is the normalised text (numbers spelled out); prefer it when present.
@@ -369,7 +375,9 @@ def _table_rows(
         return [], problems
     if not lines:
         return [], [_error("", name, "missing_column", f"{name} is empty")]
-    header = [h.strip().lower().lstrip("\ufeff") for h in lines[0][1].split(delimiter)]
+    # Common Voice's TSV never quotes; Coqui-style tables may (pandas writes quotes as needed).
+    quoted = delimiter != "\t"
+    header = [h.strip().lower().lstrip("\ufeff") for h in _fields(lines[0][1], delimiter, quoted)]
     missing = [c for c in (audio_col, text_col) if c not in header]
     if missing:
         names = " and ".join(repr(c) for c in missing)
@@ -399,7 +407,7 @@ def _table_rows(
     base = path.parent
     rows = []
     for number, line, latin1 in lines[1:]:
-        fields = line.split(delimiter)
+        fields = _fields(line, delimiter, quoted)
         audio_rel = fields[ai].strip() if ai < len(fields) else ""
         text = fields[ti] if ti < len(fields) else None
         speaker = fields[si].strip() if si is not None and si < len(fields) else ""
@@ -499,11 +507,11 @@ def _read_vctk(root: Path) -> tuple[list[CorpusItem], list[Problem]]:
             speaker_of.setdefault(txt.stem, txt.parent.name)
     rows = []
     for stem in sorted(set(audio_by_id) | set(text_by_id)):
-        audio = audio_by_id.get(stem)
+        found = audio_by_id.get(stem)
         text, latin1 = text_by_id.get(stem, (None, False))
         where = f"txt/{speaker_of[stem]}/{stem}.txt" if stem in text_by_id else "the audio folder"
-        audio_rel = _rel(audio, root) if audio else f"wav48/{speaker_of[stem]}/{stem}.wav"
-        rows.append(_Row(_safe_id(stem), audio_rel, audio, text, speaker_of[stem], where, latin1))
+        audio_rel = _rel(found, root) if found else f"wav48/{speaker_of[stem]}/{stem}.wav"
+        rows.append(_Row(_safe_id(stem), audio_rel, found, text, speaker_of[stem], where, latin1))
     items, problems = _finish(rows, root)
     # A transcript without audio is a missing file; say which audio we looked for.
     problems = [

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from training.audio import LOG_FLOOR
 
@@ -36,13 +36,6 @@ def read_items(cache_dir: str | Path, split: str = "all") -> list[dict]:
     lines = (Path(cache_dir) / "items.jsonl").read_text(encoding="utf-8").splitlines()
     items = [json.loads(line) for line in lines if line.strip()]
     return [it for it in items if split == "all" or it["split"] == split]
-
-
-def read_problems(cache_dir: str | Path) -> list[dict]:
-    path = Path(cache_dir) / "problems.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 class FeatureDataset(Dataset):
@@ -198,41 +191,3 @@ class BucketBatchSampler(Sampler[list[int]]):
             size = min(pool, n - start)
             total += size // self.batch_size if self.drop_last else -(-size // self.batch_size)
         return total // self.num_replicas if self.num_replicas > 1 else total
-
-
-def make_loader(
-    cache_dir: str | Path,
-    split: str = "train",
-    batch_size: int = 16,
-    shuffle: bool = True,
-    num_workers: int = 0,
-    pin_memory: bool | None = None,
-    seed: int = 0,
-    drop_last: bool = False,
-    preload: bool = False,
-    num_replicas: int = 1,
-    rank: int = 0,
-) -> DataLoader:
-    """A DataLoader over the cache; `loader.batch_sampler.set_epoch(e)` picks an epoch's order.
-    `pin_memory=None` pins when CUDA is available (faster, asynchronous host-to-GPU copies)."""
-    dataset = FeatureDataset(cache_dir, split, preload=preload)
-    sampler = BucketBatchSampler(
-        dataset.lengths,
-        batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        num_replicas=num_replicas,
-        rank=rank,
-    )
-    if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
-    extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        **extra,
-    )

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from training import audio as A
-from training.speaker import embed_wav, mean_embedding
+from training.speaker_embedding import embed_wav, mean_embedding
 from training.text import Frontend, SymbolTable
 
 # Part of every feature file's source key: bump it when feature extraction changes, so old
@@ -343,6 +343,10 @@ def preprocess_corpus(
     out = Path(out_dir)
     (out / "feats").mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # from here until the end: not a usable cache
+    # Half-written files of a process killed mid-write: never read (names start with "."),
+    # but they would pile up with every crash.
+    for leftover in (out / "feats").glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
     frontend = Frontend(lang, text_backend)
     jobs = _jobs(items, frontend)
@@ -357,9 +361,7 @@ def preprocess_corpus(
         "device": device,
     }
     result = PreprocessResult(out_dir=out, total=len(jobs), text_backend=frontend.backend)
-    result.problems = [
-        p if isinstance(p, Problem) else Problem(**p) for p in known_problems
-    ]  # fmt: skip
+    result.problems = [p if isinstance(p, Problem) else Problem(**p) for p in known_problems]
     outcomes: dict[str, dict] = {}
     if progress:
         progress(0, len(jobs))

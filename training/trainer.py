@@ -8,7 +8,7 @@ bf16 autocast (GPU only), compute the weighted loss and backpropagate; clip the 
 and keep the norm from before clipping; ask the StepGuard whether to apply the step (never
 clamping the loss: a non-finite loss or gradient, or a spike, skips the step instead; too many
 skips in a row roll the weights back to the last good checkpoint and lower the learning rate);
-feed loss and norm to the loss's adaptive weight controller; report metrics.
+feed loss and clipped norm to the loss's adaptive weight controller; report metrics.
 
 The outside world sees the run only through `Callbacks` (and `metrics.jsonl` plus the
 checkpoints in `out_dir`). Exact resume: a checkpoint carries model, optimiser, schedule, step,
@@ -24,7 +24,6 @@ import copy
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +34,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from training.audio import LOG_FLOOR, AudioConfig, griffin_lim
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    step_checkpoint_path,
+    step_checkpoints,
+)
 from training.config import PlateauDetector, TrainConfig
 from training.data import BucketBatchSampler, FeatureDataset, collate, read_meta
+from training.device import select_device
 from training.guard import StepGuard
-from training.losses import TTSLoss
+from training.losses import COMPONENTS, TTSLoss
 from training.model import MODEL_SIZES, ModelConfig, TTSModel, count_parameters
 
-COMPONENTS = ("mel", "duration", "pitch", "energy", "align", "bin")
 SAMPLE_COUNT = 2  # fixed validation utterances turned into audio at every eval
 MIN_SAMPLE_FRAMES = 8
 PRELOAD_MAX_AUDIO_S = 3 * 3600  # about 540 MB of cached features
-CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt$")
 
 
 @dataclass
@@ -83,16 +86,6 @@ class TrainResult:
     last_checkpoint: str | None
     param_count: int = 0
     warnings: list[str] = field(default_factory=list)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """cuda when there is one and nothing else was asked for; a named device must exist."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but this machine has no usable CUDA GPU")
-    return device
 
 
 class LRSchedule:
@@ -402,7 +395,8 @@ class Trainer:
         if not verdict.skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn.observe(loss_value, grad_norm)
+        # The controller judges the clipped norm: the step the weights actually took.
+        self.loss_fn.observe(loss_value, grad_norm, clip_norm=cfg.grad_clip_norm)
         self.step += 1
 
         events, self.pending_events = self.pending_events, []
@@ -414,6 +408,19 @@ class Trainer:
                     "step": self.step,
                     "message": f"mel weight {d['old']:.4g} -> {d['new']:.4g} {verb}: {d['reason']}",
                     "data": d,
+                }
+            )
+        # Why the controller held, at most once per cooling period: the log shows it is alive.
+        held = self.loss_fn.hold_report()
+        if held is not None:
+            counts = ", ".join(f"{code} x{n}" for code, n in held["held"].items())
+            last = held["last"]["reason"] if held["last"] else ""
+            events.append(
+                {
+                    "kind": "adaptive",
+                    "step": self.step,
+                    "message": f"mel weight {held['weight']:.4g} held ({counts}); last: {last}",
+                    "data": held,
                 }
             )
         if verdict.skip:
@@ -614,7 +621,7 @@ class Trainer:
         if best:
             path = save_checkpoint(self.ckpt_dir / "best.pt", ckpt)
         else:
-            path = save_checkpoint(self.ckpt_dir / f"step_{self.step:07d}.pt", ckpt)
+            path = save_checkpoint(step_checkpoint_path(self.out_dir, self.step), ckpt)
             self.last_checkpoint = str(path)
             self.last_saved_step = self.step
             for old in self._checkpoints()[: -self.cfg.keep_last]:
@@ -625,13 +632,7 @@ class Trainer:
         return str(path)
 
     def _checkpoints(self) -> list[Path]:
-        """step_*.pt in this run, oldest first."""
-        found = [
-            (int(m.group(1)), p)
-            for p in self.ckpt_dir.glob("step_*.pt")
-            if (m := CHECKPOINT_NAME.search(p.name))
-        ]
-        return [p for _, p in sorted(found)]
+        return step_checkpoints(self.out_dir)
 
     def _resume(self) -> bool:
         found = self._checkpoints()

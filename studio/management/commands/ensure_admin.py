@@ -16,7 +16,7 @@ class Command(BaseCommand):
     help = "Create the admin account if there is none; never changes an existing one."
 
     def add_arguments(self, parser):
-        parser.add_argument("--username", default=os.environ.get("STUDIO_ADMIN_USER", "admin"))
+        parser.add_argument("--username", default=settings.STUDIO_ADMIN_USER)
 
     def handle(self, *args, username, **options):
         User = get_user_model()

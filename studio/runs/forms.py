@@ -12,7 +12,7 @@ from pathlib import Path
 from django import forms
 from django.db import transaction
 
-from studio.models import WEIGHT_FIELDS, Checkpoint, Dataset, Run, TrainingConfig
+from studio.models import Checkpoint, Dataset, Run, TrainingConfig
 from training.config import (
     BATCH_RANGES,
     OPTIMIZATION_LEVELS,
@@ -22,32 +22,6 @@ from training.config import (
     check_safe,
     preset,
 )
-
-# TrainingConfig columns that map one-to-one onto TrainConfig.flat() names.
-_COLUMNS = {
-    "batch_size", "steps", "learning_rate", "lr_warmup_steps", "grad_clip_norm",
-    "grad_accum_steps", "eval_every", "checkpoint_every", "seed", "use_adaptive_weights",
-    "optimization_level", *WEIGHT_FIELDS,
-}  # fmt: skip
-
-
-def preset_config(owner, size: str, level: str) -> TrainingConfig:
-    """The owner's saved copy of a preset, made on first use so a run can point at it."""
-    flat = preset(size, level).flat()
-    name = f"Preset · {size} · {level.replace('_', ' ')}"
-    config = TrainingConfig.objects.filter(owner=owner, name=name).first()
-    if config is not None:
-        return config
-    columns = {k: v for k, v in flat.items() if k in _COLUMNS}
-    extra = {k: v for k, v in flat.items() if k not in _COLUMNS and k != "size"}
-    return TrainingConfig.objects.create(
-        owner=owner,
-        name=name,
-        description="Made from training.config.preset(); edit a copy to change it.",
-        model_size=size,
-        extra=extra,
-        **columns,
-    )
 
 
 def preset_summaries() -> dict:
@@ -111,7 +85,9 @@ class RunForm(forms.Form):
             .exclude(cache_dir="")
         )
         self.fields["config"].queryset = TrainingConfig.objects.visible_to(user)
-        self.fields["checkpoint"].queryset = Checkpoint.visible_to(user).order_by("-created")
+        self.fields["checkpoint"].queryset = (
+            Checkpoint.objects.visible_to(user).select_related("run").order_by("-created")
+        )
         self.fields["checkpoint"].label_from_instance = lambda c: c.label
         for name in self.OVERRIDES:
             self.fields[name].help_text = "Leave empty to use the config's value."
@@ -186,7 +162,9 @@ class RunForm(forms.Form):
         if data["source"] == "config":
             config = data["config"]
         else:
-            config = preset_config(self.user, data["model_size"], data["optimization_level"])
+            config = TrainingConfig.objects.preset(
+                self.user, data["model_size"], data["optimization_level"]
+            )
         ckpt = data.get("checkpoint")
         run = Run.objects.create(
             owner=self.user,

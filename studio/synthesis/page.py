@@ -10,7 +10,6 @@ through `gr.Request.username`, and list and load only checkpoints that user may 
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -23,7 +22,6 @@ from django.shortcuts import resolve_url
 from studio.models import Checkpoint
 
 MOUNT_PATH = "/synthesize"
-SYNTH_DEVICE = os.environ.get("STUDIO_SYNTH_DEVICE", "cpu")
 
 
 def _user(user_id: str):
@@ -38,7 +36,11 @@ def checkpoint_choices(user_id: str) -> list:
     user = _user(user_id)
     if user is None:
         return []
-    rows = Checkpoint.visible_to(user).order_by("-run__created", "-step")[:200]
+    rows = (
+        Checkpoint.objects.visible_to(user)
+        .select_related("run")
+        .order_by("-run__created", "-step")[:200]
+    )
     return [
         CheckpointChoice(id=str(c.pk), run=str(c.run), step=c.step, val_loss=c.val_loss)
         for c in rows
@@ -52,7 +54,7 @@ def checkpoint_file(user_id: str, checkpoint_id: str) -> Path | None:
     user = _user(user_id)
     if user is None or not str(checkpoint_id).isdigit():
         return None
-    ckpt = Checkpoint.visible_to(user).filter(pk=int(checkpoint_id)).first()
+    ckpt = Checkpoint.objects.visible_to(user).filter(pk=int(checkpoint_id)).first()
     return Path(ckpt.path) if ckpt is not None else None
 
 
@@ -63,7 +65,7 @@ def page_sources():
         list_checkpoints=checkpoint_choices,
         resolve_checkpoint=checkpoint_file,
         list_speakers=None,  # read from the checkpoint itself: its table is what it was trained on
-        device=SYNTH_DEVICE,
+        device=settings.STUDIO_SYNTH_DEVICE,
         max_chars=settings.STUDIO_MAX_SYNTH_CHARS,
     )
 
@@ -76,7 +78,7 @@ def build_gradio_app():
     from synthesis.engine import configure_cpu_threads
     from synthesis.gradio_page import build_synthesis_page
 
-    configure_cpu_threads()
+    configure_cpu_threads(settings.STUDIO_SYNTH_THREADS)
 
     def signed_in_user(request) -> str | None:
         # Set by AuthMiddlewareStack in SynthesisPageGate; Gradio calls this on its own routes
@@ -124,11 +126,17 @@ class SynthesisPageGate:
         self._guarded = AuthMiddlewareStack(self._signed_in_only)
         self._building = asyncio.Lock()
         self._started: asyncio.Future | None = None
+        self._warming: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and is_page_path(scope["path"]):
             return await self._guarded(scope, receive, send)
-        return await self.django_app(scope, receive, send)
+        await self.django_app(scope, receive, send)
+        if self._warming is None and settings.STUDIO_SYNTH_PREWARM:
+            # Importing Gradio and torch takes seconds (14.7 s for the page's first load when
+            # it waited for them): start once the first studio page has been answered, so
+            # neither that page nor the synthesis page waits.
+            self._warming = asyncio.ensure_future(self._gradio())
 
     async def _signed_in_only(self, scope, receive, send):
         user = scope.get("user")

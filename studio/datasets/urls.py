@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from studio.views import datasets as views
+from studio.datasets import views
 
 urlpatterns = [
     path("", views.dataset_list, name="dataset_list"),

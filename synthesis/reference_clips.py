@@ -146,7 +146,7 @@ def load_reference(source: AudioSource) -> ReferenceClip:
 
 
 def embed_clip(clip: ReferenceClip) -> np.ndarray:
-    from training.speaker import encoder
+    from training.speaker_embedding import encoder
 
     emb = encoder().embed_utterance(clip.wav)
     return np.asarray(emb, dtype=np.float32)
@@ -158,15 +158,15 @@ def embed_references(sources: AudioSource | Sequence[AudioSource]) -> np.ndarray
     Several clips are averaged: the mean of unit embeddings is the usual way to get a steadier
     speaker vector than any single utterance gives.
     """
-    sources = [sources] if is_single_source(sources) else list(sources)
-    if not sources:
+    clips: list = [sources] if is_single_source(sources) else list(sources)  # type: ignore[arg-type]
+    if not clips:
         raise ReferenceAudioError("missing", "Give at least one reference clip.")
     embeddings = []
-    for i, source in enumerate(sources, 1):
+    for i, source in enumerate(clips, 1):
         try:
             embeddings.append(embed_clip(load_reference(source)))
         except ReferenceAudioError as exc:
-            if len(sources) == 1:
+            if len(clips) == 1:
                 raise
             name = Path(source).name if isinstance(source, (str, os.PathLike)) else f"clip {i}"
             raise ReferenceAudioError(exc.code, f"{name}: {exc}") from exc

@@ -17,10 +17,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from studio import live
-from studio.forms_runs import ResumeForm, RunForm, preset_summaries
-from studio.models import AudioSample, Checkpoint, Dataset, Run, RunEvent, safe_ranges_table
-from studio.tasks_scores import queue_scoring
-from studio.tasks_training import queue_run
+from studio.models import AudioSample, Checkpoint, Dataset, Run, safe_ranges_table
+from studio.runs.forms import ResumeForm, RunForm, preset_summaries
 from training.config import BATCH_RANGES, batch_warning
 
 LOG_TAIL_BYTES = 256 * 1024
@@ -43,7 +41,7 @@ def run_new(request):
     form = RunForm(request.user, data, initial=_initial(request))
     if request.method == "POST" and form.is_valid():
         run = form.save()
-        queue_run(run)
+        run.enqueue()
         for w in form.warnings:
             messages.warning(request, w)
         messages.success(request, f"{run} is queued.")
@@ -115,10 +113,7 @@ def run_cancel(request, pk):
         messages.info(request, f"{run} is {run.get_status_display().lower()}: nothing to cancel.")
         return redirect(run)
     run.request_cancel()
-    RunEvent.objects.create(
-        run=run, step=run.current_step, kind="status",
-        message=f"cancel requested by {request.user.get_username()}",
-    )  # fmt: skip
+    run.event("status", f"cancel requested by {request.user.get_username()}")
     if run.status == Run.Status.CANCELLED:
         live.publish_status(run)
         messages.success(request, f"{run} was cancelled before it started.")
@@ -142,25 +137,8 @@ def run_resume(request, pk):
         for e in form.errors.get("steps", []):
             messages.error(request, e)
         return redirect(run)
-    with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run.pk)
-        if not run.can_resume:  # a second click, or the worker got there first
-            return redirect(run)
-        steps = form.cleaned_data.get("steps")
-        if steps:
-            run.config_snapshot = dict(run.config_snapshot, steps=steps)
-            run.total_steps = steps
-        run.status = Run.Status.QUEUED
-        run.cancel_requested = False
-        run.error = ""
-        run.finished = None
-        run.save()
-        RunEvent.objects.create(
-            run=run, step=run.current_step, kind="status",
-            message=f"resume requested by {request.user.get_username()}"
-            + (f", training to step {steps}" if steps else ""),
-        )  # fmt: skip
-        queue_run(run)
+    if not run.requeue(by=request.user.get_username(), steps=form.cleaned_data.get("steps")):
+        return redirect(run)  # a second click, or the worker got there first
     live.publish_status(run)
     messages.success(request, f"{run} is queued to resume from its last checkpoint.")
     return redirect(run)
@@ -214,9 +192,13 @@ def run_compare(request):
     return render(
         request,
         "runs/compare.html",
-        {"runs": runs, "series": series, "all_runs": Run.objects.visible_to(request.user)[:100],
-         "selected": {r.pk for r in runs}},
-    )  # fmt: skip
+        {
+            "runs": runs,
+            "series": series,
+            "all_runs": Run.objects.visible_to(request.user)[:100],
+            "selected": {r.pk for r in runs},
+        },
+    )
 
 
 # --------------------------------------------------------------------------- private files
@@ -231,21 +213,27 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def checkpoint_download(request, pk):
-    ckpt = get_object_or_404(Checkpoint.visible_to(request.user), pk=pk)
+    ckpt = get_object_or_404(
+        Checkpoint.objects.visible_to(request.user).select_related("run"), pk=pk
+    )
     path = Path(ckpt.path)
     # Only files the studio wrote: a row edited to point elsewhere must not leak a file.
     if not (_inside(path, settings.STUDIO_RUNS_DIR) and path.is_file()):
         raise Http404("checkpoint file not found")
     name = f"run{ckpt.run_id}_step{ckpt.step:07d}{'_best' if ckpt.is_best else ''}.pt"
-    return FileResponse(path.open("rb"), as_attachment=True, filename=name,
-                        content_type="application/octet-stream")  # fmt: skip
+    return FileResponse(
+        path.open("rb"), as_attachment=True, filename=name, content_type="application/octet-stream"
+    )
 
 
 @require_POST
 def checkpoint_score(request, pk):
     """Queue the objective scores (SECS, MCD, WER, RTF) of one checkpoint on a cpu worker."""
-    ckpt = get_object_or_404(Checkpoint.visible_to(request.user), pk=pk)
-    if queue_scoring(ckpt):
+    ckpt = get_object_or_404(
+        Checkpoint.objects.visible_to(request.user).select_related("run"), pk=pk
+    )
+    if ckpt.queue_scoring():
+        transaction.on_commit(lambda: live.publish_checkpoints(ckpt.run))
         messages.success(request, f"Scoring step {ckpt.step}: the row fills in within seconds.")
     else:
         messages.info(request, f"Step {ckpt.step} is already being scored.")
@@ -253,10 +241,7 @@ def checkpoint_score(request, pk):
 
 
 def _sample(request, pk) -> AudioSample:
-    qs = AudioSample.objects.select_related("run")
-    if not request.user.is_staff:
-        qs = qs.filter(run__owner=request.user)
-    return get_object_or_404(qs, pk=pk)
+    return get_object_or_404(AudioSample.objects.visible_to(request.user), pk=pk)
 
 
 def _media_file(field, content_type: str):

@@ -1,14 +1,10 @@
+"""Pages of the configs area: the list of saved training configs and the editor."""
+
 from django.contrib import messages
 from django.shortcuts import get_object_or_404, redirect, render
 
-from studio.forms import TrainingConfigForm
-from studio.models import Dataset, Run, TrainingConfig, safe_ranges_table
-
-
-def home(request):
-    runs = Run.objects.visible_to(request.user).select_related("dataset", "config")[:8]
-    datasets = Dataset.objects.visible_to(request.user)[:8]
-    return render(request, "home.html", {"runs": runs, "datasets": datasets})
+from studio.configs.forms import TrainingConfigForm
+from studio.models import TrainingConfig, safe_ranges_table
 
 
 def config_list(request):
@@ -35,7 +31,3 @@ def config_edit(request, pk=None):
         {"form": form, "config": config, "ranges": safe_ranges_table(), "batch_warning": warning},
         status=400 if request.method == "POST" else 200,
     )
-
-
-def not_found(request, exception=None):
-    return render(request, "404.html", status=404)

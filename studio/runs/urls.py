@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from studio.views import runs
+from studio.runs import views as runs
 
 urlpatterns = [
     path("", runs.run_list, name="run_list"),

@@ -9,6 +9,7 @@ the advice is adapted to this studio, whose loss is never clamped and whose rang
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,8 +49,8 @@ def _values(series: Series | None) -> list[float]:
 
 def _increments(values: list[float]) -> list[float]:
     """Per-step counts from a counter that may be cumulative (never decreasing) or per step."""
-    if len(values) > 1 and all(b >= a for a, b in zip(values, values[1:], strict=False)):
-        return [values[0]] + [b - a for a, b in zip(values, values[1:], strict=False)]
+    if len(values) > 1 and all(b >= a for a, b in itertools.pairwise(values)):
+        return [values[0]] + [b - a for a, b in itertools.pairwise(values)]
     return values
 
 

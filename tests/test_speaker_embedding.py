@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.fixtures_audio import espeak_speech
-from training import speaker
+from training import speaker_embedding as speaker
 from training.audio import resample
 
 SENTENCES = (

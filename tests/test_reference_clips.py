@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from synthesis import speaker
+from synthesis import reference_clips as speaker
 from synthesis.evaluate import secs
 from tests.fixtures_audio import espeak_speech
 

@@ -1,6 +1,6 @@
 """Getting a person's recordings in: import, validation, preprocessing, and what the page shows.
 
-Two steps, each a Celery task on the `cpu` queue (see studio.tasks_datasets):
+Two steps, each a Celery task on the `cpu` queue (see studio.datasets.tasks):
 
 1. Import: unpack the upload (or take the registered folder), read the metadata with
    `training.corpus`, probe every audio file's header, and store one `Utterance` row per file
@@ -23,8 +23,6 @@ decoded the samples and so replaces the header findings of the utterances it pro
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import multiprocessing
@@ -33,15 +31,14 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
-from studio.archives import ArchiveLimits, ArchiveRefused, extract_archive
+from studio.datasets.archives import ArchiveLimits, ArchiveRefused, extract_archive
 from studio.models import Dataset, Speaker, Utterance
 from training.corpus import CorpusItem, Problem, probe_audio, read_corpus
 
@@ -55,7 +52,7 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 
 def stale_after() -> timedelta:
     """A busy dataset whose row has not changed for this long has lost its worker."""
-    return timedelta(seconds=float(os.environ.get("STUDIO_DATASET_STALE_SECONDS", 300)))
+    return timedelta(seconds=settings.STUDIO_DATASET_STALE_SECONDS)
 
 
 def preprocess_workers() -> int:
@@ -64,8 +61,8 @@ def preprocess_workers() -> int:
     One inside a daemonic process (a task in Celery's prefork pool): multiprocessing refuses
     to start children there, so the cpu worker must run with `--pool solo` to use more.
     """
-    configured = os.environ.get("STUDIO_PREPROCESS_WORKERS")
-    wanted = max(1, int(configured)) if configured else max(1, (os.cpu_count() or 2) // 2)
+    configured = settings.STUDIO_PREPROCESS_WORKERS
+    wanted = max(1, configured) if configured else max(1, (os.cpu_count() or 2) // 2)
     if wanted > 1 and multiprocessing.current_process().daemon:
         log.info(
             "preprocessing in 1 process instead of %d: this is a daemonic (prefork) worker "
@@ -94,7 +91,7 @@ def features_dir(dataset: Dataset) -> Path:
     return dataset_dir(dataset) / "features"
 
 
-def _extraction_record(dataset: Dataset) -> Path:
+def extraction_record(dataset: Dataset) -> Path:
     return dataset_dir(dataset) / "extracted.json"
 
 
@@ -114,9 +111,7 @@ def safe_archive_name(name: str) -> str:
 # --------------------------------------------------------------------------- creating datasets
 
 
-def create_from_upload(
-    owner, name: str, uploaded, fmt: str, language: str, preprocess: bool = True
-) -> Dataset:
+def create_from_upload(owner, name: str, uploaded, fmt: str, language: str) -> Dataset:
     """A dataset from an uploaded archive; the import runs in the background."""
     dataset = Dataset.objects.create(
         owner=owner, name=name, source=Dataset.Source.UPLOAD, format=fmt, language=language
@@ -134,13 +129,10 @@ def create_from_upload(
                 out.write(chunk)
     dataset.source_path = str(target)
     dataset.save(update_fields=["source_path", "updated"])
-    queue_import(dataset, preprocess=preprocess)
     return dataset
 
 
-def register_folder(
-    owner, name: str, folder: Path, fmt: str, language: str, preprocess: bool = True
-) -> Dataset:
+def register_folder(owner, name: str, folder: Path, fmt: str, language: str) -> Dataset:
     """A dataset read in place from a folder already checked against STUDIO_DATASET_ROOTS."""
     dataset = Dataset.objects.create(
         owner=owner,
@@ -150,60 +142,7 @@ def register_folder(
         format=fmt,
         language=language,
     )
-    queue_import(dataset, preprocess=preprocess)
     return dataset
-
-
-def queue_import(dataset: Dataset, preprocess: bool = True) -> None:
-    from studio.tasks_datasets import QUEUE, import_dataset_task
-
-    pk = dataset.pk
-    transaction.on_commit(lambda: import_dataset_task.apply_async((pk, preprocess), queue=QUEUE))
-
-
-def queue_preprocess(dataset: Dataset) -> None:
-    from studio.tasks_datasets import QUEUE, preprocess_dataset_task
-
-    pk = dataset.pk
-    transaction.on_commit(lambda: preprocess_dataset_task.apply_async((pk,), queue=QUEUE))
-
-
-def is_stale(dataset: Dataset) -> bool:
-    return dataset.is_busy and dataset.updated < timezone.now() - stale_after()
-
-
-def retry(dataset: Dataset) -> str:
-    """Start the step that failed or lost its worker again; finished work is kept.
-
-    Returns what was queued ("import" or "preprocess"), or "" when nothing needs doing.
-    """
-    if dataset.status in (Dataset.Status.NEW, Dataset.Status.READY):
-        return ""
-    if dataset.is_busy and not is_stale(dataset):
-        return ""
-    # The feature folder exists only once an import has finished and preprocessing began.
-    preprocessing_began = features_dir(dataset).is_dir()
-    if dataset.status == Dataset.Status.PREPROCESSING or (
-        dataset.status in (Dataset.Status.FAILED, Dataset.Status.IMPORTED) and preprocessing_began
-    ):
-        Dataset.objects.filter(pk=dataset.pk).update(
-            status=Dataset.Status.IMPORTED, status_message="Preprocessing queued again."
-        )
-        queue_preprocess(dataset)
-        return "preprocess"
-    if dataset.status == Dataset.Status.IMPORTED:
-        queue_preprocess(dataset)
-        return "preprocess"
-    if dataset.status == Dataset.Status.FAILED:
-        # A failed import is cheap to redo from scratch, and the person may have fixed the files.
-        dataset.utterances.all().delete()
-        dataset.speakers.all().delete()
-        _extraction_record(dataset).unlink(missing_ok=True)
-    Dataset.objects.filter(pk=dataset.pk).update(
-        status=Dataset.Status.NEW, status_message="Import queued again."
-    )
-    queue_import(dataset)
-    return "import"
 
 
 # --------------------------------------------------------------------------- import
@@ -252,7 +191,7 @@ def _fail(dataset: Dataset, message: str) -> None:
 
 def _extract(dataset: Dataset) -> list[tuple[str, str]]:
     """Unpack the upload once; returns the skipped members and why (kept across restarts)."""
-    record = _extraction_record(dataset)
+    record = extraction_record(dataset)
     if record.is_file():
         return [tuple(x) for x in json.loads(record.read_text())["skipped"]]
     archive = Path(dataset.source_path)
@@ -525,157 +464,6 @@ def _store_features(
     for speaker in dataset.speakers.all():
         if speaker.name in embeddings:
             Speaker.objects.filter(pk=speaker.pk).update(embedding=embeddings[speaker.name])
-
-
-def resume_stale() -> list[int]:
-    """Queue again every busy dataset whose worker stopped writing; called when a worker starts."""
-    resumed = []
-    cutoff = timezone.now() - stale_after()
-    busy = (Dataset.Status.IMPORTING, Dataset.Status.PREPROCESSING)
-    for dataset in Dataset.objects.filter(status__in=busy, updated__lt=cutoff):
-        with transaction.atomic():
-            # Touch the row first so a second worker starting at the same time skips it.
-            claimed = Dataset.objects.filter(pk=dataset.pk, updated=dataset.updated).update(
-                updated=timezone.now(), status_message="Resumed after the worker stopped."
-            )
-            if not claimed:
-                continue
-            if dataset.status == Dataset.Status.IMPORTING:
-                queue_import(dataset)
-            else:
-                queue_preprocess(dataset)
-        resumed.append(dataset.pk)
-    return resumed
-
-
-# --------------------------------------------------------------------------- reading for pages
-
-
-def problem_table(dataset: Dataset) -> list[dict]:
-    """Counts by problem code with severity and one example message, most frequent first."""
-    rows: dict[str, dict] = {}
-    for problems in dataset.utterances.exclude(problems=[]).values_list("problems", flat=True):
-        for p in problems:
-            row = rows.setdefault(
-                p["code"],
-                {"code": p["code"], "count": 0, "errors": 0, "example": p["message"]},
-            )
-            row["count"] += 1
-            row["errors"] += p.get("severity") == "error"
-    return sorted(rows.values(), key=lambda r: (-r["count"], r["code"]))
-
-
-def problem_csv_rows(dataset: Dataset) -> Iterator[list[str]]:
-    yield ["item_id", "speaker", "file", "code", "severity", "kept", "message"]
-    utterances = dataset.utterances.exclude(problems=[]).select_related("speaker")
-    for u in utterances.iterator(chunk_size=BATCH):
-        for p in u.problems:
-            yield [
-                u.item_id,
-                u.speaker.name if u.speaker else "",
-                u.audio_path,
-                p["code"],
-                p.get("severity", ""),
-                "yes" if u.usable else "no",
-                p["message"],
-            ]
-
-
-def csv_line(row: list[str]) -> str:
-    """One CSV line; cells that a spreadsheet would run as a formula get a leading quote."""
-    buffer = io.StringIO()
-    safe = ["'" + c if c[:1] in ("=", "+", "-", "@") else c for c in map(str, row)]
-    csv.writer(buffer).writerow(safe)
-    return buffer.getvalue()
-
-
-def split_counts(dataset: Dataset) -> dict[str, dict]:
-    from django.db.models import Count, Sum
-
-    counts = {"train": {"n": 0, "seconds": 0.0}, "val": {"n": 0, "seconds": 0.0}}
-    rows = (
-        dataset.utterances.filter(usable=True)
-        .exclude(split="")
-        .values("split")
-        .annotate(n=Count("id"), seconds=Sum("duration_seconds"))
-    )
-    for row in rows:
-        counts[row["split"]] = {"n": row["n"], "seconds": row["seconds"] or 0.0}
-    for value in counts.values():
-        value["minutes"] = value["seconds"] / 60.0
-    return counts
-
-
-def examples(dataset: Dataset, n: int = 4) -> list[Utterance]:
-    """One usable utterance from each of the first speakers, so the page sounds like the set."""
-    picked: list[Utterance] = []
-    usable = dataset.utterances.filter(usable=True).exclude(audio_path="")
-    for speaker in dataset.speakers.filter(n_utterances__gt=0)[:n]:
-        u = usable.filter(speaker=speaker).first()
-        if u is not None:
-            picked.append(u)
-    if len(picked) < n:
-        seen = {u.pk for u in picked}
-        picked += [u for u in usable[: n * 2] if u.pk not in seen][: n - len(picked)]
-    return picked
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="tight")
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def duration_histogram_png(dataset: Dataset) -> bytes:
-    durations = list(
-        dataset.utterances.filter(usable=True).values_list("duration_seconds", flat=True)
-    )
-    fig = _figure(6.0, 2.4)
-    ax = fig.add_subplot()
-    if durations:
-        ax.hist(durations, bins=min(40, max(5, len(durations) // 10)), color="#4f6bed")
-    else:
-        ax.text(0.5, 0.5, "no usable utterances yet", ha="center", va="center", color="#777")
-    ax.set_xlabel("duration (s)")
-    ax.set_ylabel("utterances")
-    ax.spines[["top", "right"]].set_visible(False)
-    return _png(fig)
-
-
-def utterance_mel(utterance: Utterance):
-    """The log-mel of an utterance: from the feature cache when it is there, else from audio."""
-    import torch
-
-    dataset = utterance.dataset
-    if dataset.cache_dir:
-        from training.preprocess import feature_name
-
-        path = Path(dataset.cache_dir) / feature_name(utterance.item_id)
-        if path.is_file():
-            feats = torch.load(path, map_location="cpu", weights_only=True)
-            return feats["mel"].float().numpy()
-    from training.audio import load_audio, mel_spectrogram
-
-    wav, _ = load_audio(utterance.audio_path)
-    return mel_spectrogram(wav).numpy()
-
-
-def mel_png(utterance: Utterance) -> bytes:
-    mel = utterance_mel(utterance)
-    fig = _figure(6.0, 1.8)
-    ax = fig.add_subplot()
-    ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_axis_off()
-    return _png(fig)
 
 
 def delete_files(folder: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import threading
 
 from asgiref.sync import sync_to_async
@@ -28,19 +27,22 @@ from django.utils.crypto import constant_time_compare, salted_hmac
 from django.views.decorators.csrf import csrf_exempt
 
 from studio.models import Checkpoint
+from studio.synthesis.forms import SynthesizeForm
 
 TOKEN_SALT = "studio.api.token"
-TOKEN_MAX_AGE = int(getattr(settings, "STUDIO_API_TOKEN_MAX_AGE", 30 * 24 * 3600))
-SYNTH_DEVICE = os.environ.get("STUDIO_SYNTH_DEVICE", "cpu")
-# Synthesis is CPU-heavy; more at once in one web process only makes every request slower.
-_synth_slots = threading.BoundedSemaphore(int(os.environ.get("STUDIO_SYNTH_CONCURRENCY", "1")))
+
+
+@functools.cache
+def _synth_slots() -> threading.BoundedSemaphore:
+    # Synthesis is CPU-heavy; more at once in one web process only makes every request slower.
+    return threading.BoundedSemaphore(settings.STUDIO_SYNTH_CONCURRENCY)
 
 
 @functools.cache
 def _configure_threads_once() -> int:
     from synthesis.engine import configure_cpu_threads
 
-    return configure_cpu_threads()
+    return configure_cpu_threads(settings.STUDIO_SYNTH_THREADS)
 
 
 def error(status: int, message: str) -> JsonResponse:
@@ -62,7 +64,7 @@ def make_token(user) -> str:
 
 def user_from_token(token: str):
     try:
-        data = signing.loads(token, salt=TOKEN_SALT, max_age=TOKEN_MAX_AGE)
+        data = signing.loads(token, salt=TOKEN_SALT, max_age=settings.STUDIO_API_TOKEN_MAX_AGE)
     except signing.BadSignature:  # also SignatureExpired
         return None
     user = get_user_model().objects.filter(pk=data.get("u"), is_active=True).first()
@@ -106,7 +108,9 @@ def token(request):
     user = authenticate(request, username=str(username), password=str(password))
     if user is None:
         return error(401, "Wrong username or password.")
-    return JsonResponse({"token": make_token(user), "expires_in": TOKEN_MAX_AGE})
+    return JsonResponse(
+        {"token": make_token(user), "expires_in": settings.STUDIO_API_TOKEN_MAX_AGE}
+    )
 
 
 # ----------------------------------------------------------------------------- synthesis
@@ -122,21 +126,8 @@ def _fields(request) -> dict | None:
     return request.POST.dict()
 
 
-def _number(fields: dict, name: str, default: float) -> float:
-    value = fields.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, not {value!r}") from None
-    if number != number:  # NaN
-        raise ValueError(f"{name} must be a number")
-    return number
-
-
 def _checkpoint_path(user, checkpoint_id):
-    ckpt = Checkpoint.visible_to(user).filter(pk=checkpoint_id).first()
+    ckpt = Checkpoint.objects.visible_to(user).filter(pk=checkpoint_id).first()
     return ckpt.path if ckpt is not None else None
 
 
@@ -144,8 +135,8 @@ def _synthesize(path, text, references, speaker, lang, speed, pitch, energy):
     from synthesis.engine import Synthesizer
 
     _configure_threads_once()
-    with _synth_slots:
-        synth = Synthesizer(path, SYNTH_DEVICE)
+    with _synth_slots():
+        synth = Synthesizer(path, settings.STUDIO_SYNTH_DEVICE)
         embedding = synth.speaker_embedding(speaker=speaker, references=references or None)
         return synth.synthesize(text, embedding, lang=lang, speed=speed, pitch=pitch, energy=energy)
 
@@ -174,25 +165,11 @@ async def synthesize(request):
     if fields is None:
         return error(400, "Send form fields (multipart for a reference clip) or a JSON object.")
 
-    checkpoint_id = str(fields.get("checkpoint", "")).strip()
-    if not checkpoint_id.isdigit():
-        return error(400, "Give the checkpoint's id as `checkpoint`.")
-    text = fields.get("text")
-    if not isinstance(text, str) or not text.strip():
-        return error(400, "Give the text to speak as `text`.")
-    max_chars = settings.STUDIO_MAX_SYNTH_CHARS
-    if len(text) > max_chars:
-        return error(400, f"The text is {len(text)} characters; the limit is {max_chars}.")
-    try:
-        speed = _number(fields, "speed", 1.0)
-        pitch = _number(fields, "pitch", 0.0)
-        energy = _number(fields, "energy", 1.0)
-    except ValueError as exc:
-        return error(400, str(exc))
-    lang = fields.get("language") or None
-    if lang not in (None, "en", "fa"):
-        return error(400, "language must be en or fa.")
-    speaker = fields.get("speaker") or None
+    form = SynthesizeForm(fields)
+    if not form.is_valid():
+        return error(400, form.first_error())
+    data = form.cleaned_data
+    checkpoint_id = data["checkpoint"]
 
     uploads = request.FILES.getlist("reference") if request.FILES else []
     for upload in uploads:
@@ -202,16 +179,24 @@ async def synthesize(request):
             )
     references = [upload.read() for upload in uploads]
 
-    path = await sync_to_async(_checkpoint_path)(user, int(checkpoint_id))
+    path = await sync_to_async(_checkpoint_path)(user, checkpoint_id)
     if path is None:
         return error(404, f"No checkpoint {checkpoint_id} that you may use.")
 
-    from synthesis.speaker import ReferenceAudioError
+    from synthesis.reference_clips import ReferenceAudioError
     from training.checkpoint import CheckpointError
 
     try:
         out = await asyncio.to_thread(
-            _synthesize, path, text, references, speaker, lang, speed, pitch, energy
+            _synthesize,
+            path,
+            data["text"],
+            references,
+            data["speaker"] or None,
+            data["language"] or None,
+            data["speed"],
+            data["pitch"],
+            data["energy"],
         )
     except ReferenceAudioError as exc:
         return error(400, str(exc))

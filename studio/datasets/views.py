@@ -1,4 +1,4 @@
-"""Pages of the datasets area. Thin: the work is in studio.datasets; every lookup goes through
+"""Pages of the datasets area. Thin: the work is in importing, reports and tasks; every lookup goes through
 Dataset.objects.visible_to, so another person's dataset is a 404, never a peek."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from django.template.defaultfilters import filesizeformat
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
-from studio import datasets as service
-from studio.forms_datasets import RegisterFolderForm, UploadDatasetForm
+from studio.datasets import importing, reports, tasks
+from studio.datasets.forms import RegisterFolderForm, UploadDatasetForm
 from studio.models import Dataset, Utterance
 
 
@@ -112,9 +112,10 @@ def _upload(request, limiter: SizeLimitedUploadHandler):
     if not form.is_valid():
         return _new_page(request, upload_form=form, status=400)
     data = form.cleaned_data
-    dataset = service.create_from_upload(
+    dataset = importing.create_from_upload(
         request.user, data["name"], data["archive"], data["format"], data["language"]
     )
+    tasks.queue_import(dataset)
     messages.success(request, f"Uploaded “{dataset.name}”; it is being imported.")
     return redirect(dataset.get_absolute_url())
 
@@ -125,9 +126,10 @@ def dataset_register(request):
     if not form.is_valid():
         return _new_page(request, register_form=form, status=400)
     data = form.cleaned_data
-    dataset = service.register_folder(
+    dataset = importing.register_folder(
         request.user, data["name"], data["path"], data["format"], data["language"]
     )
+    tasks.queue_import(dataset)
     messages.success(request, f"Registered “{dataset.name}”; it is being imported.")
     return redirect(dataset.get_absolute_url())
 
@@ -143,12 +145,12 @@ def dataset_detail(request, pk: int):
         {
             "dataset": dataset,
             "speakers": [(s, 100.0 * s.total_seconds / longest) for s in speakers],
-            "problems": service.problem_table(dataset),
+            "problems": reports.problem_table(dataset),
             "not_used": dataset.utterances.filter(usable=False).count(),
-            "split": service.split_counts(dataset),
-            "examples": service.examples(dataset),
-            "stale": service.is_stale(dataset),
-            "can_retry": dataset.status == Dataset.Status.FAILED or service.is_stale(dataset),
+            "split": reports.split_counts(dataset),
+            "examples": reports.examples(dataset),
+            "stale": tasks.is_stale(dataset),
+            "can_retry": dataset.status == Dataset.Status.FAILED or tasks.is_stale(dataset),
         },
     )
 
@@ -167,7 +169,7 @@ def dataset_progress(request, pk: int):
             "utterances": dataset.n_utterances,
             "speakers": dataset.n_speakers,
             "hours": round(dataset.hours, 4),
-            "stale": service.is_stale(dataset),
+            "stale": tasks.is_stale(dataset),
         }
     )
 
@@ -177,7 +179,7 @@ def dataset_problems_csv(request, pk: int):
     dataset = _dataset(request, pk)
     # Built whole: even 100,000 problems are a few MB, and under ASGI a synchronous streaming
     # iterator would be buffered by Django anyway.
-    body = "".join(service.csv_line(row) for row in service.problem_csv_rows(dataset))
+    body = "".join(reports.csv_line(row) for row in reports.problem_csv_rows(dataset))
     response = HttpResponse(body, content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="dataset-{dataset.pk}-problems.csv"'
     return response
@@ -186,7 +188,7 @@ def dataset_problems_csv(request, pk: int):
 @require_GET
 def dataset_durations_png(request, pk: int):
     dataset = _dataset(request, pk)
-    response = HttpResponse(service.duration_histogram_png(dataset), content_type="image/png")
+    response = HttpResponse(reports.duration_histogram_png(dataset), content_type="image/png")
     response["Cache-Control"] = "private, max-age=10"
     return response
 
@@ -214,7 +216,7 @@ def utterance_audio(request, pk: int, uid: int):
 def utterance_mel_png(request, pk: int, uid: int):
     utterance = _utterance(request, pk, uid)
     try:
-        png = service.mel_png(utterance)
+        png = reports.mel_png(utterance)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         # An undecodable file has no picture; the problems table already says why.
         raise Http404(f"no mel picture: {exc}") from exc
@@ -226,7 +228,7 @@ def utterance_mel_png(request, pk: int, uid: int):
 @require_POST
 def dataset_retry(request, pk: int):
     dataset = _dataset(request, pk)
-    step = service.retry(dataset)
+    step = tasks.retry(dataset)
     if step:
         messages.success(request, f"{step.capitalize()} queued again; finished work is kept.")
     else:
@@ -237,12 +239,12 @@ def dataset_retry(request, pk: int):
 @require_POST
 def dataset_delete(request, pk: int):
     dataset = _dataset(request, pk)
-    name, url, folder = dataset.name, dataset.get_absolute_url(), service.dataset_dir(dataset)
+    name, url, folder = dataset.name, dataset.get_absolute_url(), importing.dataset_dir(dataset)
     try:
         dataset.delete()
     except ProtectedError:
         messages.error(request, f"“{name}” has training runs; delete those first.")
         return redirect(url)
-    service.delete_files(folder)
+    importing.delete_files(folder)
     messages.success(request, f"Deleted “{name}”.")
     return redirect("dataset_list")

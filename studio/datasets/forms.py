@@ -8,8 +8,8 @@ from django import forms
 from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
-from studio.archives import FolderRefused, resolve_server_folder
-from studio.datasets import ARCHIVE_SUFFIXES
+from studio.datasets.archives import FolderRefused, resolve_server_folder
+from studio.datasets.importing import ARCHIVE_SUFFIXES
 from studio.models import Dataset
 from training.corpus import detect_format
 

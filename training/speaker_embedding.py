@@ -48,14 +48,14 @@ def _prepare(wav, sr: int) -> np.ndarray:
         # torchaudio rather than resemblyzer.preprocess_wav: the latter resamples with
         # librosa, which takes seconds on its first call in every process.
         x = resample(x, sr, ENCODER_SAMPLE_RATE)
-    x = x.numpy()
-    if x.size == 0 or not np.isfinite(x).all() or not np.abs(x).max() > 0:
+    samples = x.numpy()
+    if samples.size == 0 or not np.isfinite(samples).all() or not np.abs(samples).max() > 0:
         raise ValueError("cannot embed an empty, silent or non-finite waveform")
-    x = rz.normalize_volume(x, -30, increase_only=True)
-    trimmed = rz.trim_long_silences(x)
+    samples = rz.normalize_volume(samples, -30, increase_only=True)
+    trimmed = rz.trim_long_silences(samples)
     # The VAD can remove everything from a clip that is very short or very quiet; the
     # untrimmed clip still gives a usable (if weaker) embedding.
-    return trimmed if trimmed.size >= ENCODER_SAMPLE_RATE // 4 else x
+    return trimmed if trimmed.size >= ENCODER_SAMPLE_RATE // 4 else samples
 
 
 _MEL: dict[str, torch.nn.Module] = {}
@@ -110,6 +110,9 @@ def mean_embedding(embeddings) -> np.ndarray:
 
 def similarity(a, b) -> float:
     """Cosine similarity of two embeddings (1 = same voice direction)."""
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    return float(a @ b / max(1e-8, float(np.linalg.norm(a) * np.linalg.norm(b))))
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if denom == 0:
+        raise ValueError("cannot compare an all-zero speaker embedding")
+    return float(a @ b / denom)

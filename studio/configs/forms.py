@@ -1,0 +1,29 @@
+"""The form of the configs area; validation comes from TrainingConfig.clean(), that is from
+training.config.SAFE_RANGES, the one table the worker checks too."""
+
+from django import forms
+
+from studio.models import WEIGHT_FIELDS, TrainingConfig
+
+
+class TrainingConfigForm(forms.ModelForm):
+    class Meta:
+        model = TrainingConfig
+        fields = [
+            "name",
+            "description",
+            "model_size",
+            "optimization_level",
+            "batch_size",
+            "steps",
+            "learning_rate",
+            "lr_warmup_steps",
+            "grad_clip_norm",
+            "grad_accum_steps",
+            "eval_every",
+            "checkpoint_every",
+            "seed",
+            "use_adaptive_weights",
+            *WEIGHT_FIELDS,
+        ]
+        widgets = {"description": forms.Textarea(attrs={"rows": 2})}

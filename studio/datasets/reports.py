@@ -1,0 +1,130 @@
+"""What the dataset pages read: problem tables, the problems CSV, splits, examples, pictures."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+from studio.models import Dataset, Utterance
+from synthesis import pictures
+from synthesis.pictures import png_bytes
+
+BATCH = 500
+
+
+def problem_table(dataset: Dataset) -> list[dict]:
+    """Counts by problem code with severity and one example message, most frequent first."""
+    rows: dict[str, dict] = {}
+    for problems in dataset.utterances.exclude(problems=[]).values_list("problems", flat=True):
+        for p in problems:
+            row = rows.setdefault(
+                p["code"],
+                {"code": p["code"], "count": 0, "errors": 0, "example": p["message"]},
+            )
+            row["count"] += 1
+            row["errors"] += p.get("severity") == "error"
+    return sorted(rows.values(), key=lambda r: (-r["count"], r["code"]))
+
+
+def problem_csv_rows(dataset: Dataset) -> Iterator[list[str]]:
+    yield ["item_id", "speaker", "file", "code", "severity", "kept", "message"]
+    utterances = dataset.utterances.exclude(problems=[]).select_related("speaker")
+    for u in utterances.iterator(chunk_size=BATCH):
+        for p in u.problems:
+            yield [
+                u.item_id,
+                u.speaker.name if u.speaker else "",
+                u.audio_path,
+                p["code"],
+                p.get("severity", ""),
+                "yes" if u.usable else "no",
+                p["message"],
+            ]
+
+
+def csv_line(row: list[str]) -> str:
+    """One CSV line; cells that a spreadsheet would run as a formula get a leading quote."""
+    buffer = io.StringIO()
+    safe = ["'" + c if c[:1] in ("=", "+", "-", "@") else c for c in map(str, row)]
+    csv.writer(buffer).writerow(safe)
+    return buffer.getvalue()
+
+
+def split_counts(dataset: Dataset) -> dict[str, dict]:
+    from django.db.models import Count, Sum
+
+    counts = {"train": {"n": 0, "seconds": 0.0}, "val": {"n": 0, "seconds": 0.0}}
+    rows = (
+        dataset.utterances.filter(usable=True)
+        .exclude(split="")
+        .values("split")
+        .annotate(n=Count("id"), seconds=Sum("duration_seconds"))
+    )
+    for row in rows:
+        counts[row["split"]] = {"n": row["n"], "seconds": row["seconds"] or 0.0}
+    for value in counts.values():
+        value["minutes"] = value["seconds"] / 60.0
+    return counts
+
+
+def examples(dataset: Dataset, n: int = 4) -> list[Utterance]:
+    """One usable utterance from each of the first speakers, so the page sounds like the set."""
+    picked: list[Utterance] = []
+    usable = dataset.utterances.filter(usable=True).exclude(audio_path="")
+    for speaker in dataset.speakers.filter(n_utterances__gt=0)[:n]:
+        u = usable.filter(speaker=speaker).first()
+        if u is not None:
+            picked.append(u)
+    if len(picked) < n:
+        seen = {u.pk for u in picked}
+        picked += [u for u in usable[: n * 2] if u.pk not in seen][: n - len(picked)]
+    return picked
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="tight")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def duration_histogram_png(dataset: Dataset) -> bytes:
+    durations = list(
+        dataset.utterances.filter(usable=True).values_list("duration_seconds", flat=True)
+    )
+    fig = _figure(6.0, 2.4)
+    ax = fig.add_subplot()
+    if durations:
+        ax.hist(durations, bins=min(40, max(5, len(durations) // 10)), color="#4f6bed")
+    else:
+        ax.text(0.5, 0.5, "no usable utterances yet", ha="center", va="center", color="#777")
+    ax.set_xlabel("duration (s)")
+    ax.set_ylabel("utterances")
+    ax.spines[["top", "right"]].set_visible(False)
+    return png_bytes(fig)
+
+
+def utterance_mel(utterance: Utterance):
+    """The log-mel of an utterance: from the feature cache when it is there, else from audio."""
+    import torch
+
+    dataset = utterance.dataset
+    if dataset.cache_dir:
+        from training.preprocess import feature_name
+
+        path = Path(dataset.cache_dir) / feature_name(utterance.item_id)
+        if path.is_file():
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            return feats["mel"].float().numpy()
+    from training.audio import load_audio, mel_spectrogram
+
+    wav, _ = load_audio(utterance.audio_path)
+    return mel_spectrogram(wav).numpy()
+
+
+def mel_png(utterance: Utterance) -> bytes:
+    return pictures.mel_png(utterance_mel(utterance), size=(6.0, 1.8), axes=False)

@@ -1,0 +1,288 @@
+"""Celery tasks of the runs area.
+
+    runs.train              one run on one `gpu` worker (acks late, rejected when its worker dies)
+    runs.score_checkpoint   objective scores of a checkpoint (SECS, MCD, WER, RTF) on the `cpu` queue
+
+A run survives its worker. The message is acknowledged only when the task returns, so a worker
+whose child is killed hands it back to the broker (task_reject_on_worker_lost); a worker that
+dies whole leaves the run `running` under a process that no longer exists, and the next worker
+to start on that machine (or any worker, once the run's heartbeat is stale) marks it
+`interrupted` and queues it again. Either way the task finds the run's own checkpoints in its
+folder and the trainer resumes exactly from the newest one; rows the database already has past
+that step are replaced, so no (run, step, name) is ever stored twice.
+
+A failure to score is a fact about the checkpoint, so it is stored on the row, never raised:
+the worker goes on with its next task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import traceback
+from functools import partial
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready
+from django.conf import settings
+from django.db import close_old_connections, connections, transaction
+from django.utils import timezone
+
+from studio import live, workers
+from studio.celery import app
+from studio.models import SCORE_TASK, TRAIN_QUEUE, TRAIN_TASK, Checkpoint, Run
+from studio.runs.callbacks import (
+    StudioCallbacks,
+    backfill_metrics,
+    forget_after,
+    seed_from_checkpoint,
+)
+from training.checkpoint import step_checkpoints
+from training.config import UnsafeConfig, check_safe
+from training.trainer import Trainer
+
+logger = logging.getLogger("studio.training")
+
+# Scoring must take seconds on a small shared CPU (4-5 s with a `tiny` checkpoint on a
+# 40-utterance cache, measured on the project's 2-core box).
+SOFT_TIME_LIMIT = 10 * 60
+
+
+def _beat(run_id: int, ident: str) -> None:
+    Run.objects.filter(pk=run_id, worker=ident).update(updated=timezone.now())
+
+
+@worker_ready.connect
+def requeue_orphaned_runs(sender=None, **kwargs):
+    """At worker start: runs left `running` by a dead worker become `interrupted` and are requeued.
+
+    This is the path for a worker killed whole (SIGKILL, OOM, power): its unacknowledged
+    message would otherwise wait for the broker's visibility timeout, which must outlast the
+    longest run. The requeued task resumes from the run's last checkpoint.
+    """
+    host = workers.host_of(getattr(sender, "hostname", None) or socket.gethostname())
+    try:
+        for run in Run.objects.filter(status=Run.Status.RUNNING):
+            with transaction.atomic():
+                run = Run.objects.select_for_update().get(pk=run.pk)
+                if run.status != Run.Status.RUNNING or not run.owner_gone(host):
+                    continue
+                reason = f"worker {run.worker} stopped mid-run (found at step {run.current_step})"
+                run.mark_interrupted(reason)
+                run.event("interrupted", reason + "; requeued")
+            live.publish_status(run)
+            logger.warning("run %s: %s; requeued", run.pk, reason)
+            train.apply_async((run.pk,), queue=TRAIN_QUEUE)
+    except Exception:
+        logger.exception("could not sweep runs left by dead workers")
+    finally:
+        connections.close_all()  # the pool forks from this process; it must not share sockets
+
+
+# --------------------------------------------------------------------------- training
+
+
+@app.task(
+    bind=True,
+    name=TRAIN_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+)
+def train(self, run_id: int) -> str:
+    nodename = self.request.hostname or f"worker@{socket.gethostname()}"
+    ident = workers.worker_ident(nodename)
+    run, how = Run.claim(run_id, ident, workers.host_of(nodename))
+    if run is None:
+        if how.startswith("busy elsewhere"):
+            # Another machine's worker holds it and its heartbeat is fresh: look again later,
+            # so a run whose machine died is taken over once its heartbeat goes stale.
+            raise self.retry(countdown=min(settings.STUDIO_RUN_STALE_SECONDS, 60))
+        logger.info("run %s not started: %s", run_id, how)
+        return how
+    out_dir = Path(run.out_dir)
+    publisher = live.Publisher(run.pk, rate=live.max_rate())
+    heartbeat = workers.Heartbeat(f"run-{run.pk}", partial(_beat, run.pk, ident))
+    with workers.RunLog(out_dir):
+        publisher.status(run)
+        heartbeat.start()
+        try:
+            status = _train(run, publisher, how, ident)
+        finally:
+            heartbeat.stop()
+            run.refresh_from_db()
+            publisher.status(run)
+            publisher.close()
+            close_old_connections()
+    return status
+
+
+def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
+    out_dir = Path(run.out_dir)
+    logger.info("run %s attempt %d on %s (%s)", run.pk, run.attempts, ident, how)
+    started = run.event("status", f"attempt {run.attempts} started on {ident}", run.current_step)
+    publisher.add(events=[live.event_dict(started)])
+    try:
+        check_safe(run.config_snapshot)
+    except UnsafeConfig as exc:
+        return _fail(run, f"The config is outside the safe ranges: {exc}", publisher)
+    if not run.dataset.is_ready:
+        message = (
+            f"Dataset “{run.dataset}” is not ready for training (status {run.dataset.status})."
+        )
+        return _fail(run, message, publisher)
+    cfg = run.train_config()
+    if not step_checkpoints(out_dir) and run.resume_from_id:
+        if not Path(run.resume_from.path).is_file():
+            return _fail(
+                run, f"Cannot resume: checkpoint file {run.resume_from.path} is gone.", publisher
+            )
+        seed_from_checkpoint(run, out_dir)
+    resume = bool(step_checkpoints(out_dir))
+    init_from = run.init_from.path if (run.init_from_id and not resume) else None
+    known = set(run.events.filter(kind="diagnosis").values_list("data__code", flat=True))
+    callbacks = StudioCallbacks(run, publisher, known_diagnoses=known)
+    try:
+        trainer = Trainer(
+            cfg, run.dataset.cache_dir, out_dir, callbacks, resume=resume, init_from=init_from
+        )
+        if resume:
+            logger.info("resuming from step %d", trainer.step)
+            forget_after(run, trainer.step)
+            restored = backfill_metrics(run, out_dir / "metrics.jsonl", trainer.step)
+            if restored:
+                logger.info("restored %d metric rows from metrics.jsonl", restored)
+        elif run.attempts > 1:
+            forget_after(run, 0)  # nothing to resume: the earlier attempt's rows start over
+        Run.objects.filter(pk=run.pk).update(current_step=trainer.step, total_steps=cfg.steps)
+        run.current_step, run.total_steps = trainer.step, cfg.steps
+        callbacks.last_step = trainer.step
+        logger.info(
+            "model %s, %d parameters, device %s, %d train / %d val utterances",
+            cfg.size,
+            trainer.param_count,
+            trainer.device,
+            len(trainer.train_set),
+            len(trainer.val_set),
+        )
+        for w in trainer.warnings:
+            run.event("warning", w, trainer.step)
+            logger.warning(w)
+        result = trainer.run()
+        callbacks.flush()
+    except Exception as exc:
+        try:
+            callbacks.flush()  # keep what was learned before the failure
+        except Exception:
+            logger.exception("could not write the last metrics")
+        logger.error("training failed:\n%s", traceback.format_exc())
+        return _fail(run, f"{type(exc).__name__}: {exc}", publisher)
+
+    run.refresh_from_db()
+    run.current_step = result.step
+    if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
+        run.best_val_loss = result.best_val_loss
+    run.save(update_fields=["current_step", "best_val_loss", "updated"])
+    if result.status == "finished":
+        run.mark_finished(Run.Status.SUCCEEDED)
+        done = run.event("status", f"finished at step {result.step}", result.step)
+        # Scores on a cpu worker; a broker hiccup there is logged, and the run stays succeeded.
+        transaction.on_commit(partial(score_best_checkpoint, run.pk), robust=True)
+    else:
+        run.mark_finished(Run.Status.CANCELLED)
+        done = run.event("status", f"cancelled at step {result.step}", result.step)
+    publisher.add(events=[live.event_dict(done)])
+    logger.info("run %s %s at step %d", run.pk, run.status, result.step)
+    return run.status
+
+
+def _fail(run: Run, message: str, publisher: live.Publisher) -> str:
+    logger.error("run %s failed: %s", run.pk, message)
+    run.mark_finished(Run.Status.FAILED, message)
+    failed = run.event("status", f"failed: {message}", run.current_step)
+    publisher.add(events=[live.event_dict(failed)])
+    return Run.Status.FAILED
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def score_best_checkpoint(run_id: int) -> None:
+    """A run that finished: score its best checkpoint (its newest when none is marked best)."""
+    checkpoints = Checkpoint.objects.select_related("run").filter(run_id=run_id)
+    ckpt = checkpoints.filter(is_best=True).first() or checkpoints.order_by("-step").first()
+    if ckpt is not None and ckpt.queue_scoring():
+        live.publish_checkpoints(ckpt.run)
+
+
+def readable(exc: BaseException) -> str:
+    """The message a person sees on the checkpoint row."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return f"scoring took longer than {SOFT_TIME_LIMIT // 60} minutes and was stopped"
+    if isinstance(exc, (ValueError, OSError)) and str(exc):
+        return str(exc)  # CheckpointError, AudioError, missing files: already written for people
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def plain(value):
+    """JSON a database can store: NaN/Inf (not JSON) become None, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value if math.isfinite(value) else None
+
+
+def evaluate(ckpt: Checkpoint, n: int) -> dict:
+    """synthesis.evaluate on one torch thread (restored after: the process may train next)."""
+    import torch
+
+    from synthesis.engine import configure_cpu_threads
+    from synthesis.evaluate import evaluate_checkpoint
+
+    path = Path(ckpt.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"the checkpoint file {path} is missing")
+    cache_dir = ckpt.run.dataset.cache_dir
+    if not cache_dir or not (Path(cache_dir) / "items.jsonl").is_file():
+        raise FileNotFoundError(
+            f"the feature cache of dataset “{ckpt.run.dataset}” is missing ({cache_dir or 'none'})"
+        )
+    threads = torch.get_num_threads()
+    configure_cpu_threads(settings.STUDIO_SYNTH_THREADS)
+    try:
+        return evaluate_checkpoint(path, cache_dir, n, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@app.task(
+    name=SCORE_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=SOFT_TIME_LIMIT,
+)
+def score_checkpoint(checkpoint_id: int) -> str:
+    ckpt = Checkpoint.objects.select_related("run__dataset").filter(pk=checkpoint_id).first()
+    if ckpt is None:
+        return "gone"  # pruned or deleted while the message waited
+    n = settings.STUDIO_SCORE_UTTERANCES
+    try:
+        scores = dict(evaluate(ckpt, n), state="done")
+        state = "done"
+    except Exception as exc:
+        logger.warning("checkpoint %s not scored", checkpoint_id, exc_info=True)
+        scores, state = {"state": "error", "error": readable(exc)}, "error"
+    scores.update(scored_at=timezone.now().isoformat(), n=n)
+    ckpt.record_scores(plain(scores))
+    live.publish_checkpoints(ckpt.run)
+    logger.info("checkpoint %s (run %s, step %s): %s", ckpt.pk, ckpt.run_id, ckpt.step, state)
+    return state
