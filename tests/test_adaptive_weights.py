@@ -1,6 +1,7 @@
 """Every behaviour of StableAdaptiveWeights that issue 4 names, plus property tests."""
 
 import io
+import itertools
 import json
 import math
 import random
@@ -134,20 +135,20 @@ def test_cooling_period_between_changes():
     fast = StableAdaptiveWeights(warmup_steps=0, cooling_period=0)
     drive(fast, losses)
     fast_steps = [d["step"] for d in applied(fast)]
-    assert min(b - a for a, b in zip(fast_steps, fast_steps[1:], strict=False)) < 50
+    assert min(b - a for a, b in itertools.pairwise(fast_steps)) < 50
 
     ctl = StableAdaptiveWeights(warmup_steps=0, cooling_period=50)
     drive(ctl, losses)
     steps = [d["step"] for d in ctl.decisions]
     assert len(steps) >= 3
-    assert all(b - a >= 50 for a, b in zip(steps, steps[1:], strict=False))
+    assert all(b - a >= 50 for a, b in itertools.pairwise(steps))
 
 
 def test_each_change_is_at_most_five_percent():
     losses = [0.8 ** (i // 15) for i in range(400)]
     ctl = StableAdaptiveWeights(warmup_steps=0, cooling_period=0)
     weights = drive(ctl, losses)
-    changes = [abs(b - a) / a for a, b in zip([2.5] + weights, weights, strict=False) if a != b]
+    changes = [abs(b - a) / a for a, b in zip([2.5, *weights], weights, strict=False) if a != b]
     assert changes and max(changes) <= 0.05 + 1e-9
 
 
@@ -257,7 +258,7 @@ def test_disable_returns_to_base_and_freezes_until_enable():
 
 def test_reset_clears_statistics_and_warmup_starts_again():
     ctl = StableAdaptiveWeights()
-    drive(ctl, shift(1.0, 1.3) + [NAN, 50.0])
+    drive(ctl, [*shift(1.0, 1.3), NAN, 50.0])
     ctl.reset()
     m = ctl.metrics()
     assert m["step_count"] == 0 and m["running_loss"] == 0.0 and m["loss_variance"] == 0.0
@@ -270,7 +271,7 @@ def test_reset_clears_statistics_and_warmup_starts_again():
 
 def test_metrics_are_plain_values():
     ctl = StableAdaptiveWeights()
-    drive(ctl, shift(1.0, 1.3) + [NAN])
+    drive(ctl, [*shift(1.0, 1.3), NAN])
     m = ctl.metrics()
     assert all(type(v) in (int, float, bool) for v in m.values())
     json.dumps(m)
@@ -400,3 +401,78 @@ def test_property_state_roundtrip_continues_identically(steps, cut):
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     got += [second.step(loss, g) for loss, g in steps[cut:]]
     assert got == expected
+
+
+# ---------------------------------------------------------------------- issue 16: at any scale
+
+
+def mel_like(start, per_window, steps=300, noise=0.04, seed=0):
+    """A mel-L1-scale loss moving `per_window` (relative) every 50 steps, with batch noise."""
+    rng = random.Random(seed)
+    rate = math.log1p(per_window) / 50
+    return [start * math.exp(rate * i + rng.gauss(0, noise)) for i in range(steps)]
+
+
+def test_decides_on_a_smoothly_falling_mel_scale_loss():
+    # What a healthy tiny run's mel L1 does: about -10 % per 50 steps, variance about 1e-3.
+    losses = mel_like(1.2, -0.10)
+    ctl = StableAdaptiveWeights()
+    drive(ctl, losses, [0.8] * len(losses))
+    changes = applied(ctl)
+    assert [d["step"] for d in changes] == [101, 151, 201, 251]
+    assert all(d["new"] < d["old"] for d in changes)  # a falling loss never raises its weight
+    assert "loss falling" in changes[0]["reason"]
+    assert ctl.weight == pytest.approx(2.5 * 0.95**4)
+
+
+def test_a_rising_loss_with_calm_gradients_moves_the_weight_up():
+    losses = mel_like(0.8, +0.08)
+    ctl = StableAdaptiveWeights()
+    drive(ctl, losses, [0.8] * len(losses))
+    assert applied(ctl) and all(d["new"] > d["old"] for d in applied(ctl))
+    assert "loss rising" in applied(ctl)[0]["reason"]
+    assert ctl.weight > 2.5
+
+
+def test_decisions_do_not_depend_on_the_loss_scale():
+    losses = mel_like(1.2, -0.10)
+    weights = {}
+    for scale in (1e-3, 1.0, 1e3):
+        ctl = StableAdaptiveWeights()
+        weights[scale] = drive(ctl, [scale * x for x in losses])
+    assert weights[1e-3] == weights[1.0] == weights[1e3]
+    assert len(set(weights[1.0])) > 1
+
+
+def test_every_evaluation_after_the_warmup_decides_or_records_why_it_held():
+    losses = mel_like(1.2, -0.10, steps=200) + [1.0] * 150
+    losses[260] = NAN
+    ctl = StableAdaptiveWeights()
+    drive(ctl, losses)
+    assert sum(ctl.holds.values()) + len(ctl.decisions) == len(losses) - 100
+    assert ctl.holds["cooling"] > 0  # after each decision
+    assert ctl.holds["unsettled"] >= 10  # the NaN, then ten steps to be stable again
+    assert ctl.holds["dead_band"] > 0  # the flat tail
+    assert ctl.last_hold["code"] == "dead_band" and "dead band" in ctl.last_hold["reason"]
+    m = ctl.metrics()
+    assert m["held_cooling"] == ctl.holds["cooling"] and m["held_dead_band"] > 0
+
+    erratic = StableAdaptiveWeights()
+    drive(erratic, [3.0, 1.0] * 100)
+    assert erratic.holds["noisy"] == 100 and erratic.decisions == []
+    erratic.disable()
+    erratic.step(1.0)
+    assert erratic.last_hold["code"] == "disabled"
+
+
+def test_hold_counts_survive_a_checkpoint():
+    ctl = StableAdaptiveWeights()
+    drive(ctl, mel_like(1.2, -0.10, steps=180))
+    other = StableAdaptiveWeights()
+    other.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert other.holds == ctl.holds and other.last_hold == ctl.last_hold
+    # A checkpoint from before hold reasons were counted still loads.
+    old = ctl.state_dict()
+    del old["holds"], old["last_hold"]
+    other.load_state_dict(old)
+    assert sum(other.holds.values()) == 0

@@ -271,9 +271,9 @@ def test_observe_steps_the_controller_with_the_mel_loss():
     (decision,) = loss_fn.new_decisions()
     assert decision["old"] == 2.5 and decision["applied"] is True
     assert loss_fn.new_decisions() == []
-    stability = loss_fn.get_stability_metrics()
-    assert stability["step_count"] == 200
-    assert stability["running_mel_loss"] == pytest.approx(1.3, rel=0.05)
+    metrics = loss_fn.metrics()
+    assert metrics["step_count"] == 200
+    assert metrics["running_loss"] == pytest.approx(1.3, rel=0.05)
 
 
 def test_losses_without_gradients_never_feed_the_controller():
@@ -302,10 +302,10 @@ def test_a_nan_step_is_counted_and_moves_nothing():
     out["mel_pred"] = out["mel_pred"] * NAN
     total, _ = loss_fn(out)
     assert math.isnan(total.item())
-    before = loss_fn.get_stability_metrics()
+    before = loss_fn.metrics()
     loss_fn.observe(total, NAN)
-    after = loss_fn.get_stability_metrics()
-    assert after["running_mel_loss"] == before["running_mel_loss"]
+    after = loss_fn.metrics()
+    assert after["running_loss"] == before["running_loss"]
     assert after["running_total_loss"] == before["running_total_loss"]
     assert loss_fn.controller.non_finite_losses == 1
     assert loss_fn.weights["mel"] == 2.5
@@ -315,51 +315,45 @@ def test_fixed_weights_when_adaptation_is_off():
     loss_fn = TTSLoss(use_adaptive_weights=False)
     drive(loss_fn, [1.0] * 150 + [1.3] * 50)
     assert loss_fn.weights["mel"] == 2.5 and loss_fn.new_decisions() == []
-    assert loss_fn.get_adaptive_weight_metrics()["weight_adjustment_enabled"] is False
-    loss_fn.enable_adaptive_weights()
+    assert loss_fn.metrics()["enabled"] is False
+    loss_fn.controller.enable()
     drive(loss_fn, [1.3] * 60 + [1.7] * 40)
     assert loss_fn.weights["mel"] > 2.5
 
 
-def test_metric_methods_have_the_old_names():
+def test_metrics_cover_the_specs_stability_and_weight_metrics():
     loss_fn = TTSLoss()
     drive(loss_fn, [1.0] * 5)
-    assert set(loss_fn.get_stability_metrics()) == {
-        "running_mel_loss",
+    assert {
+        "running_loss",
         "running_total_loss",
         "loss_variance",
         "loss_stability_score",
         "step_count",
-    }
-    assert set(loss_fn.get_adaptive_weight_metrics()) == {
-        "current_mel_weight",
-        "previous_mel_weight",
-        "base_mel_weight",
+        "weight",
+        "previous_weight",
+        "base_weight",
         "steps_since_weight_change",
         "consecutive_stable_steps",
-        "weight_adjustment_enabled",
+        "enabled",
         "avg_gradient_norm",
-    }
-    assert loss_fn.get_adaptive_weight_metrics()["avg_gradient_norm"] == pytest.approx(1.0)
+    } <= set(loss_fn.metrics())
+    assert loss_fn.metrics()["avg_gradient_norm"] == pytest.approx(1.0)
 
 
 def test_disable_enable_reset():
     loss_fn = TTSLoss()
     drive(loss_fn, [1.0] * 150 + [1.3] * 50)
     loss_fn.new_decisions()
-    loss_fn.disable_adaptive_weights()
+    loss_fn.controller.disable()
     assert loss_fn.weights["mel"] == 2.5
     assert loss_fn.new_decisions()[0]["reason"].startswith("adaptation disabled")
-    loss_fn.enable_adaptive_weights()
-    assert loss_fn.get_adaptive_weight_metrics()["weight_adjustment_enabled"] is True
-    loss_fn.reset_stability_state()
-    assert loss_fn.get_stability_metrics() == {
-        "running_mel_loss": 0.0,
-        "running_total_loss": 0.0,
-        "loss_variance": 0.0,
-        "loss_stability_score": 1.0,
-        "step_count": 0,
-    }
+    loss_fn.controller.enable()
+    assert loss_fn.metrics()["enabled"] is True
+    loss_fn.controller.reset()
+    metrics = loss_fn.metrics()
+    assert (metrics["running_loss"], metrics["loss_variance"]) == (0.0, 0.0)
+    assert (metrics["loss_stability_score"], metrics["step_count"]) == (1.0, 0)
 
 
 def test_state_dict_roundtrip_resumes_exactly():
@@ -378,7 +372,7 @@ def test_state_dict_roundtrip_resumes_exactly():
     assert second.new_decisions() == []  # reported before the checkpoint
     drive(second, errors[180:])
     assert second.weights == whole.weights
-    assert second.get_stability_metrics() == whole.get_stability_metrics()
+    assert second.metrics() == whole.metrics()
     assert second.controller.decisions == whole.controller.decisions
 
 
@@ -403,3 +397,50 @@ def test_with_the_real_model_output():
     total.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     assert math.isfinite(loss_fn.observe(total, norm))
+
+
+def test_gradient_growth_is_judged_on_the_clipped_norm():
+    # Norms far above the clip level and rising: the steps taken were all the same size.
+    raw = [3.0 * 1.02**i for i in range(200)]
+    errors = [1.0] * 200
+    clipped = TTSLoss()
+    for error, norm in zip(errors, raw, strict=True):
+        out = dict(BASE, mel_pred=(BASE["mel_target"] + error).requires_grad_(True))
+        clipped.observe(clipped(out)[0], norm, clip_norm=1.0)
+    assert clipped.controller.avg_gradient_norm == pytest.approx(1.0)
+    assert clipped.controller.decisions == []
+    unclipped = TTSLoss(gradient_norm_threshold=1e9)
+    for error, norm in zip(errors, raw, strict=True):
+        out = dict(BASE, mel_pred=(BASE["mel_target"] + error).requires_grad_(True))
+        unclipped.observe(unclipped(out)[0], norm)
+    assert unclipped.controller.decisions[0]["reason"] == "gradient norm growing"
+
+
+def test_hold_report_comes_at_most_once_per_cooling_period():
+    loss_fn = TTSLoss()
+    reports = []
+    for step in range(1, 401):
+        drive(loss_fn, [1.0])
+        report = loss_fn.hold_report()
+        if report is not None:
+            reports.append((step, report))
+    steps = [s for s, _ in reports]
+    assert steps == [150, 200, 250, 300, 350, 400]  # nothing to say inside the warm-up
+    first = reports[0][1]
+    assert first["held"] == {"dead_band": 50} and first["weight"] == 2.5
+    assert first["last"]["code"] == "dead_band"
+    assert reports[-1][1]["holds_total"]["dead_band"] == 300
+    assert sum(sum(r["held"].values()) for _, r in reports) == 300
+
+
+def test_hold_report_skips_cooling_after_a_decision():
+    # A loss falling by a tenth every 50 steps: a decision (its own event) every 50 steps, so
+    # the holds in between are all cooling and there is nothing new to report.
+    loss_fn = TTSLoss()
+    reports = []
+    for step in range(300):
+        drive(loss_fn, [1.2 * 0.9 ** (step / 50)])
+        reports.append(loss_fn.hold_report())
+    assert len(loss_fn.controller.decisions) == 4
+    assert loss_fn.controller.holds["cooling"] > 0
+    assert all(r is None for r in reports)
