@@ -7,8 +7,6 @@ small per-process LRU cache, so a page or an API serving a few checkpoints pays 
 
 from __future__ import annotations
 
-import io
-import os
 import re
 import threading
 import time
@@ -18,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from synthesis import speaker as speaker_lib
-from synthesis.vocoders import GriffinLim, Vocoder
+from synthesis import reference_clips
+from synthesis.vocoders import Vocoder, load_vocoder
 from training import audio as audio_lib
 from training import text as text_lib
 from training.checkpoint import CheckpointError, load_checkpoint
+from training.device import select_device
 from training.model import ModelConfig, TTSModel
 
 # A chunk the model sees at once. Long inputs are cut at sentence ends, then at clause
@@ -40,7 +38,7 @@ SPEED_RANGE = (0.5, 2.0)
 PITCH_RANGE = (-12.0, 12.0)  # semitones
 ENERGY_RANGE = (0.5, 2.0)
 
-MODEL_CACHE_SIZE = int(os.environ.get("STUDIO_SYNTH_CACHE_SIZE", "2"))
+MODEL_CACHE_SIZE = 2  # checkpoints kept loaded per process
 
 _SENTENCE_END = {"en": ".!?", "fa": ".!\u061f"}
 _CLAUSE_END = {"en": ",;:", "fa": "\u060c\u061b:"}
@@ -56,15 +54,9 @@ def configure_cpu_threads(threads: int | None = None) -> int:
     are the better use of the cores. Process-wide, so it is called once by the web process
     and the benchmark, never by the engine behind a caller's back.
     """
-    threads = threads or int(os.environ.get("STUDIO_SYNTH_THREADS", "1"))
+    threads = threads or 1
     torch.set_num_threads(threads)
     return threads
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -96,7 +88,7 @@ class LoadedModel:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Read a checkpoint (tensors only; a pickled payload is refused) and build its model."""
     path = Path(path)
-    device = pick_device(device)
+    device = select_device(device)
     ckpt = load_checkpoint(path, map_location="cpu")
     missing = [k for k in ("model", "model_config", "symbols") if k not in ckpt]
     if missing:
@@ -144,7 +136,7 @@ class ModelCache:
 
     def get(self, path: str | Path, device: str | torch.device = "auto") -> LoadedModel:
         path = Path(path).resolve()
-        device = pick_device(device)
+        device = select_device(device)
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -244,15 +236,14 @@ class Synthesis:
     chunks: list[str]
     speaker_embedding: np.ndarray
     dropped: list[str] = field(default_factory=list)  # characters the checkpoint cannot say
+    vocoder: str = ""  # the name load_vocoder took: griffin-lim, hifigan or a checkpoint path
 
     @property
     def duration_s(self) -> float:
         return len(self.audio) / self.sample_rate
 
     def wav_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        sf.write(buf, self.audio, self.sample_rate, format="WAV", subtype="PCM_16")
-        return buf.getvalue()
+        return audio_lib.wav_bytes(self.audio, self.sample_rate)
 
 
 @dataclass
@@ -264,17 +255,25 @@ class Chunk:
 
 
 class Synthesizer:
-    """One checkpoint, ready to speak. Cheap to create: the model itself comes from MODELS."""
+    """One checkpoint, ready to speak. Cheap to create: the model itself comes from MODELS and
+    the vocoder from synthesis.vocoders' cache.
+
+    `vocoder` is a Vocoder, or a name for `load_vocoder` (griffin-lim, hifigan, the path of a
+    fine-tuned vocoder checkpoint); None is the default (HiFi-GAN universal when installed).
+    A vocoder that cannot serve this checkpoint raises VocoderError with the reason.
+    """
 
     def __init__(
         self,
         checkpoint: str | Path,
         device: str | torch.device = "auto",
-        vocoder: Vocoder | None = None,
+        vocoder: Vocoder | str | Path | None = None,
         cache: ModelCache | None = None,
     ):
         self.loaded = (cache if cache is not None else MODELS).get(checkpoint, device)
-        self.vocoder = vocoder or GriffinLim(self.loaded.audio.to_dict())
+        if not isinstance(vocoder, Vocoder):
+            vocoder = load_vocoder(vocoder, self.loaded.audio, self.loaded.device)
+        self.vocoder = vocoder
         if self.vocoder.sample_rate != self.loaded.audio.sample_rate:
             raise ValueError(
                 f"the vocoder works at {self.vocoder.sample_rate} Hz but the model at "
@@ -296,12 +295,12 @@ class Synthesizer:
     def speaker_embedding(self, speaker: str | None = None, references=None) -> np.ndarray:
         """Reference clip(s) if given, else a seen speaker by name, else the first seen speaker."""
         if references is not None and not (isinstance(references, Sequence) and not references):
-            return speaker_lib.embed_references(references)
+            return reference_clips.embed_references(references)
         if speaker:
-            return speaker_lib.seen_speaker_embedding(self.loaded.speakers, speaker)
+            return reference_clips.seen_speaker_embedding(self.loaded.speakers, speaker)
         if self.loaded.speakers:
-            return speaker_lib.seen_speaker_embedding(self.loaded.speakers, self.speakers[0])
-        raise speaker_lib.ReferenceAudioError(
+            return reference_clips.seen_speaker_embedding(self.loaded.speakers, self.speakers[0])
+        raise reference_clips.ReferenceAudioError(
             "missing", "This checkpoint has no seen speakers; give a reference clip of the voice."
         )
 
@@ -341,20 +340,7 @@ class Synthesizer:
             if not ids:
                 continue
             t = time.perf_counter()
-            with torch.inference_mode():
-                tokens = torch.tensor([ids], dtype=torch.long, device=self.loaded.device)
-                out = self.loaded.model.infer(
-                    tokens,
-                    torch.tensor([len(ids)], device=self.loaded.device),
-                    spk,
-                    duration_scale=1.0 / float(speed),
-                    pitch_shift=float(
-                        pitch
-                    ),  # semitones; the model maps them through its pitch stats
-                    energy_scale=float(energy),
-                )
-                n = int(out["mel_lens"][0])
-                mel = out["mel"][0, :, :n].float().cpu()
+            mel = self._mel(ids, spk, speed, pitch, energy)
             timings["model_s"] += time.perf_counter() - t
             t = time.perf_counter()
             wav = self.vocoder(mel)
@@ -370,6 +356,71 @@ class Synthesizer:
             raise ValueError(
                 "Nothing to say: none of the text's sounds are in this model's symbol table."
             )
+
+    def audio_chunks(
+        self,
+        text: str,
+        speaker_embedding: np.ndarray,
+        lang: str | None = None,
+        speed: float = 1.0,
+        pitch: float = 0.0,
+        energy: float = 1.0,
+        timings: dict | None = None,
+    ) -> Iterator[np.ndarray]:
+        """The waveform as it is made, for a player that streams: each sentence's mel goes
+        through `vocoder.stream`, so the first piece (about 0.3 s of audio with HiFi-GAN) is
+        ready before the first sentence is fully rendered. Pauses come as silent pieces;
+        joined, the pieces are `synthesize(...).audio` up to the chunk seams."""
+        timings = timings if timings is not None else {}
+        start = time.perf_counter()
+        lang = lang or self.lang
+        check_controls(speed, pitch, energy)
+        if not text or not text.strip():
+            raise ValueError("Type some text to speak.")
+        chunks = split_text(text, lang)
+        spk = torch.as_tensor(np.asarray(speaker_embedding, dtype=np.float32)).reshape(1, -1)
+        spk = spk.to(self.loaded.device)
+        said = 0
+        for chunk_text, pause in chunks:
+            ids = self.encode(chunk_text, lang)
+            if not ids:
+                continue
+            mel = self._mel(ids, spk, speed, pitch, energy)
+            # One piece is held back so the sentence's last one can be faded out like
+            # `synthesize` does; the first is faded in.
+            held = None
+            for i, piece in enumerate(self.vocoder.stream(mel)):
+                if i == 0:
+                    piece = fade_in(piece, self.sample_rate)
+                    if said == 0:
+                        timings["first_audio_s"] = time.perf_counter() - start
+                if held is not None:
+                    yield held
+                held = piece
+            if held is not None:
+                yield fade_edges(held, self.sample_rate, fade_in_too=False)
+            said += 1
+            if pause:
+                yield np.zeros(int(pause * self.sample_rate), dtype=np.float32)
+        if not said:
+            raise ValueError(
+                "Nothing to say: none of the text's sounds are in this model's symbol table."
+            )
+        timings["total_s"] = time.perf_counter() - start
+
+    def _mel(self, ids: list[int], spk: torch.Tensor, speed, pitch, energy) -> torch.Tensor:
+        with torch.inference_mode():
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.loaded.device)
+            out = self.loaded.model.infer(
+                tokens,
+                torch.tensor([len(ids)], device=self.loaded.device),
+                spk,
+                duration_scale=1.0 / float(speed),
+                pitch_shift=float(pitch),  # semitones; the model maps them through its pitch stats
+                energy_scale=float(energy),
+            )
+            n = int(out["mel_lens"][0])
+            return out["mel"][0, :, :n].float().cpu()
 
     def synthesize(
         self,
@@ -402,7 +453,7 @@ class Synthesizer:
             chunks.append(chunk.text)
             audio_parts.append(chunk.audio)
             mel_parts.append(chunk.mel)
-            pause = int(round(chunk.pause_s * self.sample_rate / hop))
+            pause = round(chunk.pause_s * self.sample_rate / hop)
             if pause:
                 audio_parts.append(np.zeros(pause * hop, dtype=np.float32))
                 mel_parts.append(np.full((chunk.mel.shape[0], pause), floor, dtype=np.float32))
@@ -418,15 +469,28 @@ class Synthesizer:
             chunks=chunks,
             speaker_embedding=np.asarray(speaker_embedding, dtype=np.float32),
             dropped=dropped,
+            vocoder=self.vocoder.name,
         )
 
 
-def fade_edges(wav: np.ndarray, sr: int, seconds: float = EDGE_FADE_S) -> np.ndarray:
+def fade_in(wav: np.ndarray, sr: int, seconds: float = EDGE_FADE_S) -> np.ndarray:
+    n = min(len(wav), int(sr * seconds))
+    if n <= 0:
+        return wav
+    wav = wav.copy()
+    wav[:n] *= np.linspace(0.0, 1.0, n, dtype=np.float32)
+    return wav
+
+
+def fade_edges(
+    wav: np.ndarray, sr: int, seconds: float = EDGE_FADE_S, fade_in_too: bool = True
+) -> np.ndarray:
     n = min(len(wav) // 2, int(sr * seconds))
     if n <= 0:
         return wav
     wav = wav.copy()
     ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)
-    wav[:n] *= ramp
+    if fade_in_too:
+        wav[:n] *= ramp
     wav[-n:] *= ramp[::-1]
     return wav

@@ -7,7 +7,12 @@
   warped) MCD figures in papers.
 - WER: pocketsphinx's bundled US-English model on the output, beside the same recogniser on
   the ground-truth recording, so a weak recogniser is not mistaken for a weak model.
+- DNSMOS OVRL: the predicted overall MOS (1-5) of the output (synthesis.quality), the one score
+  here that hears what the vocoder does to naturalness.
 - RTF: synthesis seconds per second of audio produced.
+
+Every score is made with one vocoder, recorded beside it as "vocoder": the same checkpoint
+scores differently through Griffin-Lim and through HiFi-GAN.
 """
 
 from __future__ import annotations
@@ -27,18 +32,15 @@ ASR_SAMPLE_RATE = 16000
 
 def secs(a: np.ndarray, b: np.ndarray) -> float:
     """Speaker-encoder cosine similarity of two embeddings (1 = same voice)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    b = np.asarray(b, dtype=np.float64).reshape(-1)
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    if denom == 0:
-        raise ValueError("cannot compare an all-zero speaker embedding")
-    return float(np.dot(a, b) / denom)
+    from training.speaker_embedding import similarity
+
+    return similarity(a, b)
 
 
 def embed_audio(wav: np.ndarray, sr: int) -> np.ndarray:
     """Embedding of synthesised or recorded audio without the reference length checks:
     outputs are often shorter than the 3 s a cloning reference must have."""
-    from training.speaker import embed_wav
+    from training.speaker_embedding import embed_wav
 
     return np.asarray(embed_wav(np.asarray(wav, dtype=np.float32), sr), dtype=np.float32)
 
@@ -175,7 +177,7 @@ def real_clip_similarity(cache_dir: str | Path, max_per_speaker: int = 6) -> dic
 def joined_clips(clips: list, sr: int, gap_s: float = 0.3) -> tuple[int, np.ndarray]:
     """Several clips of one person as one reference: mono, one rate, short gaps between,
     at most the longest reference allowed."""
-    from synthesis.speaker import MAX_SECONDS, decode
+    from synthesis.reference_clips import MAX_SECONDS, decode
     from training.audio import resample
 
     gap = np.zeros(int(gap_s * sr), dtype=np.float32)
@@ -196,6 +198,7 @@ def evaluate_checkpoint(
     device: str = "cpu",
     held_out: dict[str, list] | None = None,
     held_out_text: str = "The quick brown fox jumps over the lazy dog.",
+    vocoder: str | None = None,
 ) -> dict:
     """Score a checkpoint on held-out (validation) utterances of its feature cache.
 
@@ -203,19 +206,27 @@ def evaluate_checkpoint(
     cloning reference (corpus clips are often shorter than the 3 s a reference needs); SECS is
     the output against that reference, as for seen speakers it is the output against the real
     recording of the same sentence.
+    `vocoder` is a name for synthesis.vocoders.load_vocoder (None: the default vocoder).
     Returns a plain dict (JSON-ready) with means and the per-utterance rows.
     """
     from synthesis.engine import Synthesizer
-    from synthesis.speaker import embed_references, seen_speaker_embedding
-    from synthesis.vocoders import GriffinLim
+    from synthesis.quality import QualityUnavailable, dnsmos
+    from synthesis.reference_clips import embed_references, seen_speaker_embedding
 
     cache_dir = Path(cache_dir)
     records = [
         json.loads(line) for line in (cache_dir / "items.jsonl").read_text().splitlines() if line
     ]
     val = [r for r in records if r.get("split") == "val"] or records
-    synth = Synthesizer(checkpoint, device)
-    gt_vocoder = GriffinLim(synth.loaded.audio.to_dict())
+    synth = Synthesizer(checkpoint, device, vocoder=vocoder)
+    gt_vocoder = synth.vocoder
+
+    def predicted_mos(wav: np.ndarray) -> float | None:
+        try:
+            return dnsmos(wav, synth.sample_rate).ovrl
+        except (QualityUnavailable, ValueError):
+            return None  # missing wheel, or a clip too short to judge: no score, not a failure
+
     rows = []
     for rec in _pick_utterances(val, n_utterances):
         feats = torch.load(cache_dir / rec["feats"], map_location="cpu", weights_only=True)
@@ -235,7 +246,7 @@ def evaluate_checkpoint(
         else:
             # The cache keeps features, not audio: the ground truth is then its own mel through
             # the same vocoder, which also takes the vocoder's share out of the comparison.
-            gt_wav, gt_kind = vocoded, "griffin_lim_of_ground_truth_mel"
+            gt_wav, gt_kind = vocoded, "vocoded_ground_truth_mel"
         rows.append(
             {
                 "id": rec["id"],
@@ -252,6 +263,8 @@ def evaluate_checkpoint(
                     rec["text"], transcribe(gt_wav, synth.sample_rate)
                 ),
                 "ground_truth": gt_kind,
+                "dnsmos_ovrl": predicted_mos(out.audio),
+                "dnsmos_ovrl_ground_truth": predicted_mos(gt_wav),
                 "rtf": out.timings["rtf"],
                 "audio_s": out.duration_s,
             }
@@ -273,6 +286,7 @@ def evaluate_checkpoint(
         "step": synth.loaded.step,
         "size": synth.loaded.size,
         "device": str(synth.loaded.device),
+        "vocoder": synth.vocoder.name,
         "n_utterances": len(rows),
         "secs_seen": mean("secs"),
         "secs_unseen": mean("secs", unseen),
@@ -281,6 +295,8 @@ def evaluate_checkpoint(
         "mcd_db": mean("mcd_db"),
         "wer_output": mean("wer_output"),
         "wer_ground_truth": mean("wer_ground_truth"),
+        "dnsmos_ovrl": mean("dnsmos_ovrl"),
+        "dnsmos_ovrl_ground_truth": mean("dnsmos_ovrl_ground_truth"),
         "ground_truth": rows[0]["ground_truth"] if rows else None,
         "rtf": mean("rtf"),
         "utterances": rows,
@@ -299,6 +315,9 @@ def main() -> None:
     parser.add_argument("cache_dir")
     parser.add_argument("--n", type=int, default=8, help="validation utterances to synthesise")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--vocoder", default=None, help="griffin-lim, hifigan, or a fine-tuned vocoder checkpoint"
+    )
     parser.add_argument(
         "--held-out",
         nargs="*",
@@ -319,7 +338,14 @@ def main() -> None:
         held_out[name] = sorted(glob.glob(pattern))[: args.clips]
     print(
         json.dumps(
-            evaluate_checkpoint(args.checkpoint, args.cache_dir, args.n, args.device, held_out),
+            evaluate_checkpoint(
+                args.checkpoint,
+                args.cache_dir,
+                args.n,
+                args.device,
+                held_out,
+                vocoder=args.vocoder,
+            ),
             indent=1,
         )
     )

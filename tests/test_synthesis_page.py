@@ -18,7 +18,7 @@ from django.core.asgi import get_asgi_application
 from django.test import Client
 from test_api_synthesize import studio_checkpoint
 
-from studio.synthesis_page import checkpoint_choices, checkpoint_file, with_synthesis_page
+from studio.synthesis.page import checkpoint_choices, checkpoint_file, with_synthesis_page
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -131,13 +131,19 @@ def test_gradio_client_call_returns_audio(server, user, other_user, tmp_path):
         verbose=False,
         analytics_enabled=False,
     )
-    args = ("Hello there. How are you?", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0)
+    args = ("Hello there. How are you?", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0, "hifigan")
     audio, picture, similarity, notes = client.predict(str(mine.pk), *args, api_name="/synthesize")
     wav, sr = sf.read(audio)
     assert sr == 22050 and len(wav) > 0
     assert -1.0 <= similarity <= 1.0
     assert "Speaker similarity" in notes and "2 sentences" in notes
+    assert "vocoder: HiFi-GAN universal" in notes
     assert picture is not None
+    # Griffin-Lim stays on offer as the fast preview; a forged vocoder value matches nothing.
+    *_, notes = client.predict(str(mine.pk), *args[:-1], "griffin-lim", api_name="/synthesize")
+    assert "vocoder: Griffin-Lim" in notes
+    with pytest.raises(AppError, match="vocoder does not exist"):
+        client.predict(str(mine.pk), *args[:-1], "/etc/passwd", api_name="/synthesize")
     # Someone else's checkpoint id, sent by hand, is refused like a missing one.
     with pytest.raises(AppError, match="not yours"):
         client.predict(str(theirs.pk), *args, api_name="/synthesize")
