@@ -22,4 +22,4 @@ RUN useradd --create-home --uid 1000 studio && mkdir -p /data /media && chown st
 USER studio
 RUN SECRET_KEY=build-only python manage.py collectstatic --noinput -v 0
 EXPOSE 8000
-CMD ["sh", "-c", "python manage.py migrate --noinput && python -m daphne -b 0.0.0.0 -p 8000 studio.asgi:application"]
+CMD ["sh", "-c", "python manage.py migrate --noinput && python -m uvicorn studio.asgi:application --host 0.0.0.0 --port 8000 --lifespan off --ws websockets --ws-max-size 65536 --proxy-headers --no-server-header"]

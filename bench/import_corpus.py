@@ -57,6 +57,8 @@ def main() -> None:
         tmp = Path(tmp)
         if args.limit:
             corpus = _subset(corpus, tmp / "subset", args.limit)
+        # The import checks the folder against the allowed roots, as registering it would.
+        os.environ["STUDIO_DATASET_ROOTS"] = str(corpus.parent)
         setup_django(tmp / "data")
         run(corpus, args.workers, args.language)
 

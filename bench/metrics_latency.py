@@ -4,7 +4,7 @@
 
 A training loop stand-in calls the worker's own callbacks (studio.runs.callbacks.StudioCallbacks:
 batched MetricPoint rows + the coalescing live.Publisher) at `--rate` steps a second with the
-trainer's metric names. A real daphne serves studio.asgi; `--clients` WebSocket clients signed
+trainer's metric names. A real uvicorn (as `make run` starts it) serves studio.asgi; `--clients` WebSocket clients signed
 in as the run's owner watch the run through the real Redis channel layer. For every step each
 client receives, latency = arrival time - the time the step was reported. Lost = steps a client
 never received; db_missing = steps absent from the database record.
@@ -295,6 +295,7 @@ def main(argv=None) -> int:
     from django.test import Client
 
     from studio.models import Dataset, TrainingConfig
+    from studio.runtime import web_command
 
     call_command("migrate", verbosity=0)
     owner = get_user_model().objects.create_user("bench", password="bench-pass-123")
@@ -308,16 +309,7 @@ def main(argv=None) -> int:
 
     port = free_port()
     daphne = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "studio.asgi:application",
-        ],
+        web_command("127.0.0.1", port),
         cwd=ROOT,
         env=dict(os.environ),
         stdout=subprocess.DEVNULL,
@@ -331,7 +323,7 @@ def main(argv=None) -> int:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             if time.monotonic() > deadline or daphne.poll() is not None:
-                raise SystemExit("daphne did not start")
+                raise SystemExit("the web server did not start")
             time.sleep(0.2)
         results = []
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:

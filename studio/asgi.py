@@ -15,11 +15,13 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from studio.bodylimit import BodySizeLimit, studio_limits  # noqa: E402
 from studio.routing import websocket_urlpatterns  # noqa: E402
+from studio.security import SecurityHeaders  # noqa: E402
 from studio.synthesis.page import with_synthesis_page  # noqa: E402
 
 # /synthesize/... goes to the Gradio page behind the Django session; the rest to Django.
-# Oversized bodies are refused before Django or Gradio spool them to disk.
-http_app = BodySizeLimit(with_synthesis_page(django_asgi), studio_limits)
+# Oversized bodies (anonymous ones over 64 KB) are refused before Django or Gradio spool them.
+# Gradio's responses skip Django's middleware: SecurityHeaders gives them the same headers.
+http_app = SecurityHeaders(BodySizeLimit(with_synthesis_page(django_asgi), studio_limits))
 
 application = ProtocolTypeRouter(
     {

@@ -7,6 +7,8 @@ refused handshake), so the page can say why and stop reconnecting:
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -17,6 +19,9 @@ from studio.models import Run
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+# History requests per connection and minute: a page asks once per reconnect or missed update;
+# each answer can be thousands of points read from the database.
+HISTORY_PER_MINUTE = 20
 
 
 def _int_or_none(value) -> int | None:
@@ -30,6 +35,15 @@ def _int_or_none(value) -> int | None:
 @database_sync_to_async
 def _visible_run(user, run_id: int) -> Run | None:
     return Run.objects.visible_to(user).filter(pk=run_id).first()
+
+
+@database_sync_to_async
+def _still_visible(user_id, run_id: int) -> bool:
+    """The user as the database has them now (still active?) and the run as it is now."""
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    return user is not None and Run.objects.visible_to(user).filter(pk=run_id).exists()
 
 
 @database_sync_to_async
@@ -67,6 +81,19 @@ class RunConsumer(_TolerantJsonConsumer):
 
     group = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: deque[float] = deque()
+
+    def _allowed_now(self) -> bool:
+        now = time.monotonic()
+        while self.asked and now - self.asked[0] > 60:
+            self.asked.popleft()
+        if len(self.asked) >= HISTORY_PER_MINUTE:
+            return False
+        self.asked.append(now)
+        return True
+
     async def connect(self):
         user = await self.accept_signed_in()
         if user is None:
@@ -92,6 +119,20 @@ class RunConsumer(_TolerantJsonConsumer):
         since = _int_or_none(content.get("since")) if isinstance(content, dict) else None
         if since is None:
             await self.send_json({"type": "error", "message": 'expected {"since": <step>}'})
+            return
+        if not self._allowed_now():
+            await self.send_json(
+                {
+                    "type": "error",
+                    "message": f"at most {HISTORY_PER_MINUTE} history requests a minute; "
+                    "live updates keep coming meanwhile",
+                }
+            )
+            return
+        # Asked again, not remembered from connect: the run may have been deleted, or the
+        # user signed out or lost access since.
+        if not await _still_visible(self.scope["user"].pk, self.run_id):
+            await self.close(code=CLOSE_FORBIDDEN)
             return
         await self.send_json(await _history(self.run_id, since))
 

@@ -34,6 +34,20 @@ def load_or_create_secret_key(path: Path) -> str:
     return key
 
 
+def private_data_dir(path: Path) -> None:
+    """Make the data folder 0700 and every file this process (and what it starts: workers,
+    Redis) creates from now on private (umask 077): voices, checkpoints, the database and the
+    Redis dump are nobody else's on a shared machine."""
+    os.umask(0o077)
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except PermissionError:
+        print(f"warning: cannot make {path} private (chmod 700): it is not ours", file=sys.stderr)
+
+
 def redis_socket_path(data_dir: Path) -> Path:
     return Path(data_dir) / "redis.sock"
 
@@ -121,13 +135,46 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def web_command(host: str, port: int | str, python: str | None = None) -> list[str]:
+    """The web process: uvicorn serving the one ASGI app (pages, WebSockets, Gradio).
+
+    uvicorn rather than daphne: daphne reads a request's whole body into memory before the app
+    sees it, so not even the body-size limit (studio.bodylimit) could refuse a 300 MB anonymous
+    POST in time; uvicorn hands the body over as it arrives, with flow control. Channels'
+    WebSockets run on its `websockets` implementation. No lifespan: Channels' router has none,
+    and the Gradio mount starts its own (studio.synthesis.page).
+    """
+    return [
+        python or sys.executable,
+        "-m",
+        "uvicorn",
+        "studio.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--lifespan",
+        "off",
+        "--ws",
+        "websockets",
+        # A page only ever sends {"since": step}.
+        "--ws-max-size",
+        "65536",
+        # X-Forwarded-For / -Proto from FORWARDED_ALLOW_IPS only (default 127.0.0.1).
+        "--proxy-headers",
+        "--no-server-header",
+        "--timeout-graceful-shutdown",
+        "10",
+    ]
+
+
 def procfile_lines(host: str, port: int, embedded_redis: list[str] | None) -> list[str]:
     py = shlex.quote(sys.executable)
     lines = []
     if embedded_redis:
         lines.append("redis: " + " ".join(shlex.quote(a) for a in embedded_redis))
     lines += [
-        f"web: {py} -m daphne -b {host} -p {port} studio.asgi:application",
+        "web: " + " ".join(shlex.quote(a) for a in web_command(host, port)),
         # One training at a time per GPU worker; data work on its own queue so an import
         # never waits behind a long training run.
         f"gpu: {py} -m celery -A studio worker -Q gpu -c 1 -n gpu@%h --prefetch-multiplier 1 -l INFO",

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
+
+from training.audio import resample
 
 MIN_SECONDS = 3.0
 MAX_SECONDS = 30.0
@@ -64,6 +65,7 @@ def decode(source: AudioSource) -> tuple[np.ndarray, int, int]:
     else:
         if isinstance(source, bytes):
             source = io.BytesIO(source)
+        _refuse_long_by_header(source)
         try:
             data, sr = sf.read(source, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -82,9 +84,25 @@ def decode(source: AudioSource) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(wav, dtype=np.float32), int(sr), int(channels)
 
 
-def check_reference(wav: np.ndarray, sr: int) -> None:
+def _refuse_long_by_header(source) -> None:
+    """Judge the duration from the header before decoding a sample: a few MB of compressed
+    audio can decode to gigabytes of floats."""
+    start = source.tell() if hasattr(source, "tell") else None
+    try:
+        info = sf.info(source)
+    except Exception:
+        return  # sf.read says what is wrong with it
+    finally:
+        if start is not None:
+            source.seek(start)
+    if info.samplerate > 0 and info.frames / info.samplerate > MAX_SECONDS + 1:
+        check_reference(np.zeros(0, np.float32), 1, seconds=info.frames / info.samplerate)
+
+
+def check_reference(wav: np.ndarray, sr: int, seconds: float | None = None) -> None:
     """Raise ReferenceAudioError for clips too short, too long, silent or clipped."""
-    seconds = len(wav) / sr if sr else 0.0
+    if seconds is None:
+        seconds = len(wav) / sr if sr else 0.0
     if seconds < MIN_SECONDS:
         raise ReferenceAudioError(
             "too_short",
@@ -123,9 +141,9 @@ def load_reference(source: AudioSource) -> ReferenceClip:
     check_reference(wav, sr)
     wav16 = wav
     if sr != ENCODER_SAMPLE_RATE:
-        wav16 = torchaudio.functional.resample(
-            torch.from_numpy(wav), sr, ENCODER_SAMPLE_RATE
-        ).numpy()
+        # training.audio.resample: bounded memory at any rate (a clip that says 48001 Hz made
+        # torchaudio's kernel 8 GB)
+        wav16 = resample(torch.from_numpy(wav), sr, ENCODER_SAMPLE_RATE).numpy()
     # Resemblyzer's own preparation: volume normalisation and webrtcvad trimming of long
     # silences, exactly what its encoder saw in training.
     trimmed = preprocess_wav(wav16.astype(np.float32))

@@ -258,3 +258,93 @@ def test_folders_outside_the_roots_are_refused(roots: list[Path], tmp_path: Path
         resolve_server_folder("  ", roots)
     with pytest.raises(FolderRefused, match="STUDIO_DATASET_ROOTS"):
         resolve_server_folder(str(allowed), [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar bombs past the size checks: headers that tarfile reads whole, members of every type
+
+
+def _gz_tar_with_raw_header(path: Path, kind: bytes, declared: int, then: dict[str, bytes]):
+    """A .tar.gz whose first block is an extension header (PAX 'x' or GNU long name 'L')
+    declaring `declared` bytes, streamed out in zeros (a few KB once gzipped)."""
+    import gzip
+
+    header = tarfile.TarInfo("././@LongHeader")
+    header.type = kind
+    header.size = declared
+    with gzip.open(path, "wb", compresslevel=1) as gz:
+        gz.write(header.tobuf(tarfile.USTAR_FORMAT))
+        zeros = bytes(1024**2)
+        left = declared + (-declared % 512)
+        while left:
+            gz.write(zeros[: min(left, len(zeros))])
+            left -= min(left, len(zeros))
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for name, data in then.items():
+                add_tar_file(tf, name, data)
+    return path
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_a_huge_extension_header_is_refused_without_reading_it(tmp_path: Path, kind: bytes):
+    import tracemalloc
+
+    bomb = _gz_tar_with_raw_header(tmp_path / "h.tar.gz", kind, 64 * 1024**2, GOOD)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveRefused, match=r"extended header of 64\.0 MiB"):
+            extract_archive(bomb, tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024**2, f"{peak / 1024**2:.0f} MiB allocated"  # tarfile read 64 MiB
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_tar_header_counts_towards_the_member_limit(tmp_path: Path):
+    """Six files, each behind its own PAX header: twelve headers, and the limit is ten."""
+    path = tmp_path / "pax.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for n in range(6):
+            info = tarfile.TarInfo(f"corpus/{n}.txt")
+            info.size = 2
+            info.pax_headers = {"comment": "x" * 100}
+            tf.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(ArchiveRefused, match="more than 10 entries"):
+        extract_archive(path, tmp_path / "out", ArchiveLimits(max_members=10))
+    assert not (tmp_path / "out").exists()
+    assert len(extract_archive(path, tmp_path / "ok", ArchiveLimits(max_members=12)).files) == 6
+
+
+def test_sparse_tar_members_are_refused(tmp_path: Path):
+    path = tmp_path / "sparse.tar"
+    info = tarfile.TarInfo("corpus/holes.wav")
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 0
+    with open(path, "wb") as f:
+        f.write(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(ArchiveRefused, match="sparse file"):
+        extract_archive(path, tmp_path / "out")
+
+
+def test_tar_free_space_is_checked_like_zip(tmp_path: Path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    path = make_tar(tmp_path / "t.tar.gz", {"corpus/a.bin": os.urandom(300_000)})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ArchiveRefused, match="only 1000 bytes is free"):
+        extract_archive(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_zip_entry_count_is_read_before_the_directory_is_walked(tmp_path: Path, monkeypatch):
+    path = make_zip(tmp_path / "many.zip", {f"corpus/{n}.txt": b"x" for n in range(20)})
+
+    def walked(*args, **kwargs):
+        raise AssertionError("the central directory was read")
+
+    monkeypatch.setattr(zipfile, "ZipFile", walked)
+    with pytest.raises(ArchiveRefused, match="more than 10 entries"):
+        extract_archive(path, tmp_path / "out", ArchiveLimits(max_members=10))

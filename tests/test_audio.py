@@ -168,3 +168,56 @@ def test_audio_config_round_trip():
         1024,
     )
     assert A.AudioConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ---------------------------------------------------------------- resampling at odd rates
+
+ODD_RATE_SCRIPT = """
+import resource, sys, torch
+from training import audio as A
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+wav = torch.sin(torch.arange(3 * 48001) * 0.05)
+out = A.resample(wav, 48001, 22050)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(out.numel(), grew * 1024, len(A._RESAMPLERS))
+"""
+
+
+def test_an_odd_sample_rate_resamples_in_bounded_memory():
+    """3 s said to be at 48001 Hz: torchaudio's kernel for 48001 -> 22050 asked for 8.5 GB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert A.kernel_elements(48001, 22050) > A.MAX_KERNEL_ELEMENTS
+    out = subprocess.run(
+        [sys.executable, "-c", ODD_RATE_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout.split()
+    samples, grew, cached = int(out[0]), int(out[1]), int(out[2])
+    assert abs(samples - 3 * 22050) <= 1
+    assert grew < 64 * 1024**2, f"the process grew by {grew / 1024**2:.0f} MiB"
+    assert cached == 0  # no kernel was built for the odd pair
+
+
+def test_soxr_and_torchaudio_agree_on_a_tone():
+    wav = tone(440, 1.0, sr=22051)
+    odd = A.resample(wav, 22051, 22050)  # through soxr
+    assert A.kernel_elements(22051, 22050) > A.MAX_KERNEL_ELEMENTS
+    reference = tone(440, 1.0, sr=22050)
+    n = min(len(odd), len(reference)) - 200
+    assert torch.allclose(odd[100:n], reference[100:n], atol=0.02)
+    # Channels first, like torchaudio: [..., time] in, [..., time] out.
+    stereo = A.resample(torch.stack([wav, wav]), 22051, 22050)
+    assert stereo.shape == (2, len(odd))
+
+
+def test_the_resampler_cache_is_bounded():
+    for rate in range(16000, 16000 + 40 * 50, 50):
+        A.resample(torch.zeros(64), rate, 22050)
+    assert len(A._RESAMPLERS) <= A.MAX_CACHED_RESAMPLERS
+    with pytest.raises(A.AudioError):
+        A.resample(torch.zeros(64), 0, 22050)

@@ -174,3 +174,29 @@ def test_history_of_a_long_run_is_downsampled_but_keeps_every_eval(user):
     assert 2000 <= len(steps) <= 2101 and steps == sorted(steps)
     assert steps[-1] == 10000
     assert sum("val/total" in p["m"] for p in data["points"]) == 20
+
+
+async def test_history_requests_are_throttled_and_recheck_access(run, user, monkeypatch):
+    from studio import consumers
+
+    comm = communicator(f"/ws/runs/{run.pk}/", user)
+    assert (await comm.connect(timeout=10))[0]
+    await comm.receive_json_from(timeout=10)  # history on connect
+    monkeypatch.setattr(consumers, "HISTORY_PER_MINUTE", 3)
+    answers = []
+    for _ in range(4):
+        await comm.send_json_to({"since": 1})
+        answers.append((await comm.receive_json_from(timeout=10))["type"])
+    assert answers == ["gap", "gap", "gap", "error"]
+    await comm.disconnect()
+
+    # Access is asked again on every request: a run that is no longer theirs closes the socket.
+    comm = communicator(f"/ws/runs/{run.pk}/", user)
+    assert (await comm.connect(timeout=10))[0]
+    await comm.receive_json_from(timeout=10)
+    other = await sync_to_async(type(user).objects.create_user)("mallory", password="x-pass-123")
+    await sync_to_async(Run.objects.filter(pk=run.pk).update)(owner=other)
+    await comm.send_json_to({"since": 1})
+    message = await comm.receive_output(timeout=10)
+    assert message["type"] == "websocket.close" and message["code"] == 4403
+    await comm.disconnect()

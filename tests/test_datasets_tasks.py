@@ -24,6 +24,12 @@ def media(settings, tmp_path: Path, monkeypatch) -> Path:
     root = tmp_path / "media"
     settings.STUDIO_DATASETS_DIR = root / "datasets"
     monkeypatch.setenv("STUDIO_MEDIA_ROOT", str(root))
+    # The import checks a registered folder against the allowed roots again: the tests' own
+    # folders and the shared corpora are the roots here.
+    from conftest import CORPORA
+
+    settings.STUDIO_DATASET_ROOTS = [tmp_path.resolve(), CORPORA.resolve()]
+    monkeypatch.setenv("STUDIO_DATASET_ROOTS", f"{tmp_path.resolve()},{CORPORA.resolve()}")
     monkeypatch.setenv("STUDIO_PREPROCESS_WORKERS", "1")
     settings.STUDIO_PREPROCESS_WORKERS = 1
     return root

@@ -349,3 +349,122 @@ def test_retry_a_failed_import_and_delete(
 def test_list_page(client_user, imported):
     page = client_user.get("/datasets/").content.decode()
     assert "Voice" in page and "Imported" in page
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_a_page_named_by_the_metadata_is_never_served(client_user, user, private_media):
+    """Stored XSS, as reported: a Coqui CSV row naming page.html (a script inside) imported as an
+    unusable row, and its audio URL answered 200 text/html, inline."""
+    folder = make_corpus(private_media / "imports" / "xss", speakers=("anna",), per_speaker=1)
+    (folder / "wavs" / "page.html").write_text("<script>alert(document.cookie)</script>")
+    with open(folder / "metadata.csv", "a", encoding="utf-8") as f:
+        f.write("wavs/page.html|A page, not a voice.|anna\n")
+    dataset = Dataset.objects.create(
+        owner=user, name="xss", source=Dataset.Source.FOLDER, source_path=str(folder)
+    )
+    importing.import_dataset(dataset.pk)
+    row = dataset.utterances.get(audio_path__endswith="page.html")
+    assert row.usable is False
+    for what in ("audio", "mel.png"):
+        response = client_user.get(f"/datasets/{dataset.pk}/utterances/{row.pk}/{what}")
+        assert response.status_code == 404
+        assert b"<script>" not in response.content
+
+    # A usable row whose file is swapped for a page after the import: not audio, not served.
+    good = dataset.utterances.filter(usable=True).first()
+    Path(good.audio_path).write_text("<script>alert(1)</script>")
+    response = client_user.get(f"/datasets/{dataset.pk}/utterances/{good.pk}/audio")
+    assert response.status_code == 404
+
+
+def test_audio_is_served_as_an_audio_attachment_and_nothing_else(client_user, imported):
+    utterance = imported.utterances.filter(usable=True).first()
+    response = client_user.get(f"/datasets/{imported.pk}/utterances/{utterance.pk}/audio")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "audio/wav"
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["Content-Disposition"] == f'attachment; filename="utterance-{utterance.pk}.wav"'
+    assert "sandbox" in response["Content-Security-Policy"]
+    assert b"".join(response.streaming_content)[:4] == b"RIFF"
+
+
+def test_audio_outside_the_dataset_folder_is_not_served(client_user, imported, private_media):
+    """A row pointing elsewhere (edited, or a link swapped in) leaks nothing, even real audio."""
+    outside = private_media / "secret.wav"
+    write_audio(outside, 1.0)
+    utterance = imported.utterances.filter(usable=True).first()
+    utterance.audio_path = str(outside)
+    utterance.save()
+    response = client_user.get(f"/datasets/{imported.pk}/utterances/{utterance.pk}/audio")
+    assert response.status_code == 404
+    # A link inside the corpus that leads out of it is found at import and never opened.
+    folder = make_corpus(private_media / "imports" / "linked", speakers=("anna",), per_speaker=1)
+    (folder / "wavs" / "out.wav").symlink_to(outside)
+    with open(folder / "metadata.csv", "a", encoding="utf-8") as f:
+        f.write("wavs/out.wav|Somebody else's voice.|anna\n")
+    dataset = Dataset.objects.create(
+        owner=imported.owner, name="linked", source=Dataset.Source.FOLDER, source_path=str(folder)
+    )
+    importing.import_dataset(dataset.pk)
+    assert not dataset.utterances.filter(usable=True, audio_path__endswith="out.wav").exists()
+
+
+def test_problems_csv_neutralises_formulas_and_hides_server_paths(client_user, user, private_media):
+    folder = make_corpus(private_media / "imports" / "csv", speakers=("anna",), per_speaker=1)
+    (folder / "wavs" / "bad.wav").write_bytes(b"RIFF not audio")
+    with open(folder / "metadata.csv", "a", encoding="utf-8") as f:
+        f.write("wavs/bad.wav|=HYPERLINK(1)|anna\n")
+    dataset = Dataset.objects.create(
+        owner=user, name="csv", source=Dataset.Source.FOLDER, source_path=str(folder)
+    )
+    importing.import_dataset(dataset.pk)
+    body = client_user.get(f"/datasets/{dataset.pk}/problems.csv").content.decode()
+    assert str(private_media) not in body
+    rows = list(csv.reader(io.StringIO(body)))
+    assert "wavs/bad.wav" in {r[2] for r in rows[1:]}  # as the person knows it
+    for cell in ("\tx", "\rx", "=x", "+x", "-x", "@x"):
+        assert reports.csv_line([cell]).lstrip('"').startswith("'")
+
+
+def test_a_huge_metadata_file_fails_the_import_with_a_message(user, private_media, monkeypatch):
+    import training.corpus
+
+    monkeypatch.setattr(training.corpus, "MAX_METADATA_BYTES", 1024)
+    folder = make_corpus(private_media / "imports" / "big", speakers=("anna",), per_speaker=1)
+    with open(folder / "metadata.csv", "a", encoding="utf-8") as f:
+        f.write("x|" + "y" * 2000 + "|anna\n")
+    dataset = Dataset.objects.create(
+        owner=user, name="big", source=Dataset.Source.FOLDER, source_path=str(folder)
+    )
+    importing.import_dataset(dataset.pk)
+    dataset.refresh_from_db()
+    assert dataset.status == Dataset.Status.FAILED
+    assert "metadata.csv is larger than 1 KB" in dataset.status_message
+
+
+def test_register_never_tells_what_exists_outside_the_roots(client_user, private_media):
+    answers = []
+    for path in ("/etc", "/etc/no-such-folder-here"):
+        response = client_user.post(
+            "/datasets/register/", {"name": "x", "path": path, "format": "auto", "language": "en"}
+        )
+        assert response.status_code == 400
+        answers.append("outside the folders this server allows" in response.content.decode())
+    assert answers == [True, True]
+
+
+def test_a_registered_folder_swapped_for_a_link_out_fails_at_import(user, private_media):
+    folder = make_corpus(private_media / "imports" / "swap")
+    dataset = Dataset.objects.create(
+        owner=user, name="swap", source=Dataset.Source.FOLDER, source_path=str(folder)
+    )
+    make_corpus(private_media / "elsewhere")
+    folder.rename(private_media / "imports" / "swap-old")
+    folder.symlink_to(private_media / "elsewhere")
+    importing.import_dataset(dataset.pk)
+    dataset.refresh_from_db()
+    assert dataset.status == Dataset.Status.FAILED
+    assert "outside the folders" in dataset.status_message
+    assert not dataset.utterances.exists()

@@ -166,3 +166,17 @@ def test_different_voices_are_further_apart_than_one_voice(speech):
     same = secs(embed_audio(a1, sr), embed_audio(a2, sr))
     different = secs(embed_audio(a1, sr), embed_audio(b1, sr))
     assert same > different + 0.1
+
+
+def test_a_long_clip_is_refused_from_its_header_before_decoding(monkeypatch):
+    """A few MB of compressed audio can decode to gigabytes: the header decides first."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(8000 * 600, np.int16), 8000, format="WAV", subtype="PCM_16")
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("the samples were decoded")
+
+    monkeypatch.setattr(speaker.sf, "read", decoded)
+    with pytest.raises(speaker.ReferenceAudioError) as refused:
+        speaker.decode(buffer.getvalue())
+    assert refused.value.code == "too_long" and "600.0 s" in str(refused.value)

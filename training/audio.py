@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,18 +68,62 @@ def load_audio(path: str | Path, sr: int = DEFAULT.sample_rate) -> tuple[torch.T
     return wav.contiguous(), int(original_sr)
 
 
-_RESAMPLERS: dict[tuple, AT.Resample] = {}
+# torchaudio's windowed-sinc kernel is (new/g) x (orig/g + ...) wide, g = gcd(orig, new): 441 x 320
+# floats for 16 kHz -> 22.05 kHz, but 22050 x 48001 (8 GB in float64 while it is built) for a
+# file that says 48001 Hz. Pairs whose kernel would pass this many elements go through soxr,
+# which resamples any ratio in bounded memory; the common rates keep torchaudio's kernel.
+MAX_KERNEL_ELEMENTS = 4_000_000
+# Kernels kept per process (each at most MAX_KERNEL_ELEMENTS floats): a corpus has a few rates.
+MAX_CACHED_RESAMPLERS = 16
+_RESAMPLERS: OrderedDict[tuple, AT.Resample] = OrderedDict()
+_RESAMPLERS_LOCK = threading.Lock()
+
+
+def kernel_elements(orig_sr: int, new_sr: int) -> int:
+    """Roughly how many floats torchaudio's resampling kernel for this pair holds."""
+    g = math.gcd(int(orig_sr), int(new_sr))
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    # lowpass_filter_width 6 on each side of every output phase, plus one input period
+    width = math.ceil(6 * orig / min(orig, new))
+    return new * (orig + 2 * width)
 
 
 def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """torchaudio's windowed-sinc resampler, with the kernel built once per rate pair (building
-    it costs more than applying it to a few seconds of audio)."""
+    """Resample a 1-D (or [..., T]) waveform with memory bounded by the audio, whatever the rates.
+
+    torchaudio's windowed-sinc resampler for common rate pairs, its kernel built once per pair
+    (building it costs more than applying it to a few seconds of audio) and kept in a small
+    LRU cache; soxr for pairs whose reduced ratio would make that kernel huge.
+    """
+    orig_sr, new_sr = int(orig_sr), int(new_sr)
+    if orig_sr <= 0 or new_sr <= 0:
+        raise AudioError(f"cannot resample from {orig_sr} Hz to {new_sr} Hz")
     if orig_sr == new_sr:
         return wav
+    if kernel_elements(orig_sr, new_sr) > MAX_KERNEL_ELEMENTS:
+        return _soxr_resample(wav, orig_sr, new_sr)
     key = (orig_sr, new_sr, str(wav.device))
-    if key not in _RESAMPLERS:
-        _RESAMPLERS[key] = AT.Resample(orig_sr, new_sr).to(wav.device)
-    return _RESAMPLERS[key](wav.float())
+    with _RESAMPLERS_LOCK:
+        resampler = _RESAMPLERS.get(key)
+        if resampler is None:
+            resampler = AT.Resample(orig_sr, new_sr).to(wav.device)
+            _RESAMPLERS[key] = resampler
+            while len(_RESAMPLERS) > MAX_CACHED_RESAMPLERS:
+                _RESAMPLERS.popitem(last=False)
+        else:
+            _RESAMPLERS.move_to_end(key)
+    return resampler(wav.float())
+
+
+def _soxr_resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    import soxr
+
+    x = wav.detach().float().cpu().numpy()
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None]
+    # soxr wants [time, channels]; "VHQ" is as close to torchaudio's default sinc as it gets.
+    out = soxr.resample(np.ascontiguousarray(flat.T), orig_sr, new_sr, quality="VHQ")
+    out = np.ascontiguousarray(out.T).reshape(*x.shape[:-1], -1)
+    return torch.from_numpy(out).to(wav.device)
 
 
 def _frame_rms_db(wav: torch.Tensor, frame: int, hop: int) -> torch.Tensor:

@@ -145,9 +145,27 @@ def _decode_line(raw: bytes) -> tuple[str, bool]:
         return raw.decode("latin-1"), True
 
 
+# A metadata file is read whole: 64 MB is ~500,000 lines of transcripts, far more than any
+# corpus has; a bigger one is refused with this message rather than filling the worker's memory.
+MAX_METADATA_BYTES = 64 * 1024**2
+# One VCTK transcript is a sentence.
+MAX_TRANSCRIPT_BYTES = 64 * 1024
+
+
+def _read_capped(path: Path, cap: int, what: str) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError(
+            f"{path.name} is larger than {cap // 1024**2 or cap // 1024} "
+            f"{'MB' if cap >= 1024**2 else 'KB'}, more than any {what} needs; it was not read"
+        )
+    return data
+
+
 def _read_lines(path: Path) -> list[tuple[int, str, bool]]:
     """(line number, text, was Latin-1) for each non-blank line of a metadata file."""
-    data = path.read_bytes()
+    data = _read_capped(path, MAX_METADATA_BYTES, "metadata file")
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     lines = []
@@ -175,6 +193,9 @@ def _metadata_lines(
         return None
     try:
         return _read_lines(path)
+    except ValueError as exc:
+        problems.append(_error("", path.name, "metadata_too_large", str(exc)))
+        return None
     except OSError as exc:
         problems.append(
             _error("", path.name, "missing_file", f"{path.name} could not be read ({exc.strerror})")
@@ -500,9 +521,10 @@ def _read_vctk(root: Path) -> tuple[list[CorpusItem], list[Problem]]:
             if not _inside(txt, root):
                 continue
             try:
-                data = txt.read_bytes().lstrip(b"\xef\xbb\xbf")
-            except OSError:
+                data = _read_capped(txt, MAX_TRANSCRIPT_BYTES, "transcript")
+            except (OSError, ValueError):
                 continue
+            data = data.lstrip(b"\xef\xbb\xbf")
             text_by_id[txt.stem] = _decode_line(data)
             speaker_of.setdefault(txt.stem, txt.parent.name)
     rows = []

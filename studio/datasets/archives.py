@@ -14,6 +14,9 @@ Limits (`ArchiveLimits`, defaults chosen for speech corpora):
   single member) expanding more than 100x is a bomb. The ratio is only judged above
   ratio_floor_bytes (10 MiB) of expanded data, so a tiny archive of text is never refused.
 - max_member_bytes 2 GiB: no single utterance is that long; larger members are skipped.
+- max_header_bytes 1 MiB: a PAX or GNU long-name header holds a path and a few attributes
+  (PATH_MAX is 4 KiB); tarfile reads such a header whole into memory, so a bigger one is a
+  bomb. Every tar header counts towards max_members, whatever its type.
 
 This module does not import Django: the caller passes limits and roots from settings.
 """
@@ -49,6 +52,7 @@ class ArchiveLimits:
     max_ratio: float = 100.0
     ratio_floor_bytes: int = 10 * MiB
     max_member_bytes: int = 2 * GiB
+    max_header_bytes: int = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,24 @@ def _check_totals(
         )
 
 
+def _zip_declared_entries(path: Path) -> int | None:
+    """The entry count the end-of-central-directory record declares, read without walking the
+    directory (zipfile builds a ZipInfo per entry, so a million-entry directory costs memory
+    before anything could be counted)."""
+    try:
+        with open(path, "rb") as f:
+            record = zipfile._EndRecData(f)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return None
+    if not record:
+        return None
+    return int(record[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
 def _scan_zip(path: Path, limits: ArchiveLimits) -> list[_Member]:
+    declared = _zip_declared_entries(path)
+    if declared is not None:
+        _check_totals(declared, 0, 1, limits, "zip file")
     try:
         with zipfile.ZipFile(path) as archive:
             members = _zip_members(archive)
@@ -190,9 +211,52 @@ def _scan_zip(path: Path, limits: ArchiveLimits) -> list[_Member]:
     return members
 
 
+# Header blocks tarfile folds into the member that follows them (PAX extended headers, GNU
+# long names and links): each is read whole into memory, so each is capped and counted.
+_EXTENSION_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+def _open_tar(path: Path, limits: ArchiveLimits) -> tarfile.TarFile:
+    """A streaming TarFile whose header parser counts every header block it reads (members and
+    the extension headers tarfile hides inside them) and refuses oversized or sparse ones
+    before tarfile reads them into memory."""
+    headers = 0
+
+    class CountedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tarfile_):  # called once per header block, extensions included
+            nonlocal headers
+            headers += 1
+            if headers > limits.max_members:
+                raise ArchiveRefused(
+                    f"the archive has more than {limits.max_members:,} entries (headers "
+                    "included); split it or register the folder on the server instead"
+                )
+            if self.type in _EXTENSION_TYPES and self.size > limits.max_header_bytes:
+                raise ArchiveRefused(
+                    f"the archive has an extended header of {_human(self.size)} (a name or "
+                    f"attributes never need more than {_human(limits.max_header_bytes)}); "
+                    "it looks like a tar bomb and nothing was extracted"
+                )
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise ArchiveRefused(
+                    f"{self.name!r} is a sparse file, which a speech corpus never holds; "
+                    "nothing was extracted"
+                )
+            return super()._proc_member(tarfile_)
+
+    return tarfile.open(path, mode="r|*", tarinfo=CountedTarInfo)
+
+
 def _scan_tar(path: Path, limits: ArchiveLimits) -> int:
     """Read every tar header once, refusing as soon as a limit is crossed; returns the bytes
-    the regular members declare.
+    the members declare (every kind, since a link or device of "size" N is still N bytes
+    that tarfile skips over).
 
     Reading headers means decompressing the stream, but the ratio check stops a bomb after
     at most max_ratio times the archive's size.
@@ -200,7 +264,7 @@ def _scan_tar(path: Path, limits: ArchiveLimits) -> int:
     compressed = path.stat().st_size
     count = total = 0
     try:
-        with tarfile.open(path, mode="r|*") as archive:
+        with _open_tar(path, limits) as archive:
             for info in archive:
                 count += 1
                 if info.isreg():
@@ -208,6 +272,10 @@ def _scan_tar(path: Path, limits: ArchiveLimits) -> int:
                 _check_totals(count, total, compressed, limits, "archive")
     except ArchiveRefused:
         raise
+    except RecursionError as exc:
+        raise ArchiveRefused(
+            "the archive's headers nest without end; nothing was extracted"
+        ) from exc
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveRefused(
             f"the archive is damaged or truncated ({exc}); nothing was extracted"
@@ -308,13 +376,13 @@ def extract_archive(
                 with source:
                     _write_member(dest, rel, source, m, result)
         return result
-    if _is_tar(archive_path):
+    if _is_tar(archive_path, limits):
         _check_space(dest, _scan_tar(archive_path, limits))
         dest.mkdir(parents=True, exist_ok=True)
         result = Extraction(dest)
         seen = set()
         try:
-            with tarfile.open(archive_path, mode="r|*") as archive:
+            with _open_tar(archive_path, limits) as archive:
                 for info in archive:
                     m = _Member(info.name, info.size, None, _tar_kind(info), info)
                     for planned, rel in _plan([m], limits, result, seen):
@@ -329,17 +397,22 @@ def extract_archive(
                         source = archive.extractfile(info)
                         if source is not None:
                             _write_member(dest, rel, source, planned, result)
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, ArchiveRefused) as exc:
             # Only possible if the file changed since the scan; keep what was written.
             result.skipped.append(Skipped("(rest of archive)", f"skipped: damaged ({exc})"))
         return result
     raise ArchiveRefused("the upload is neither a zip file nor a tar archive (.tar.gz)")
 
 
-def _is_tar(path: Path) -> bool:
+def _is_tar(path: Path, limits: ArchiveLimits) -> bool:
+    """Whether the file opens as a tar stream; not tarfile.is_tarfile, which would read a
+    hostile first header (a PAX header of gigabytes) whole before anything is checked."""
     try:
-        return tarfile.is_tarfile(path)
-    except (OSError, EOFError):
+        with _open_tar(path, limits):
+            return True
+    except ArchiveRefused:
+        return True  # a tar, and a hostile one: the scan refuses it with the reason
+    except (tarfile.TarError, EOFError, OSError, RecursionError):
         return False
 
 
@@ -358,8 +431,12 @@ def resolve_server_folder(raw: str | os.PathLike, roots: Iterable[str | os.PathL
     """The real folder `raw` names, provided it lies under one of `roots` after following links.
 
     A relative `raw` is looked up under each root in turn. Raises FolderRefused otherwise.
+    A path that is outside the roots as written is refused before the file system is asked
+    anything, so the answer never tells whether something exists elsewhere on the server.
     """
-    roots = [Path(r).resolve() for r in roots]
+    configured = list(roots)
+    given = [Path(os.path.abspath(r)) for r in configured]
+    roots = [Path(r).resolve() for r in configured]
     if not roots:
         raise FolderRefused("no dataset folders are allowed on this server (STUDIO_DATASET_ROOTS)")
     text = os.fspath(raw).strip()
@@ -367,6 +444,13 @@ def resolve_server_folder(raw: str | os.PathLike, roots: Iterable[str | os.PathL
         raise FolderRefused("give the path of a folder")
     candidates = [Path(text)] if Path(text).is_absolute() else [r / text for r in roots]
     allowed = ", ".join(str(r) for r in roots)
+    for candidate in candidates:
+        lexical = Path(os.path.normpath(candidate))
+        if not any(lexical == r or lexical.is_relative_to(r) for r in [*given, *roots]):
+            raise FolderRefused(
+                f"{text} is outside the folders this server allows ({allowed}); "
+                "links that lead outside them are refused too"
+            )
     for candidate in candidates:
         try:
             real = candidate.resolve(strict=True)

@@ -38,7 +38,12 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from studio.datasets.archives import ArchiveLimits, ArchiveRefused, extract_archive
+from studio.datasets.archives import (
+    ArchiveLimits,
+    ArchiveRefused,
+    extract_archive,
+    resolve_server_folder,
+)
 from studio.models import Dataset, Speaker, Utterance
 from training.corpus import CorpusItem, Problem, probe_audio, read_corpus
 
@@ -89,6 +94,27 @@ def raw_dir(dataset: Dataset) -> Path:
 
 def features_dir(dataset: Dataset) -> Path:
     return dataset_dir(dataset) / "features"
+
+
+def _allowed_folder(folder: Path) -> bool:
+    roots = [Path(r).resolve() for r in settings.STUDIO_DATASET_ROOTS]
+    return any(folder == r or folder.is_relative_to(r) for r in roots)
+
+
+def inside_dataset(dataset: Dataset, path: str | Path) -> bool:
+    """Whether `path`, after following every link, lies inside this dataset's own files: its
+    folder under the media root, or its registered folder while that is inside the allowed
+    roots. Checked before a file named by metadata is read, and again before it is served."""
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return False
+    folders = [dataset_dir(dataset).resolve()]
+    if dataset.source == Dataset.Source.FOLDER and dataset.source_path:
+        registered = Path(dataset.source_path).resolve()
+        if _allowed_folder(registered):
+            folders.append(registered)
+    return any(real.is_relative_to(f) for f in folders)
 
 
 def extraction_record(dataset: Dataset) -> Path:
@@ -222,6 +248,10 @@ def import_dataset(dataset_id: int) -> Dataset | None:
     try:
         skipped = _extract(dataset) if dataset.source == Dataset.Source.UPLOAD else []
         root = raw_dir(dataset)
+        if dataset.source == Dataset.Source.FOLDER:
+            # Checked again now, not only when the form was sent: a link swapped in since
+            # (or a row edited) must not lead the worker out of the allowed folders.
+            root = resolve_server_folder(root, settings.STUDIO_DATASET_ROOTS)
         if not root.is_dir():
             raise ValueError(f"the folder {root} is no longer there")
         fmt = None if dataset.format == Dataset.Format.AUTO else dataset.format
@@ -304,9 +334,14 @@ def _store_items(
     for n, item in enumerate(items, start=1):
         if item.id in existing:
             continue
-        info, audio_problems = probe_audio(item)
         stored = [_problem_dict(p, "metadata") for p in by_item.get(item.id, [])]
-        stored += [_problem_dict(p, "header") for p in audio_problems]
+        if inside_dataset(dataset, item.audio_path):
+            info, audio_problems = probe_audio(item)
+            stored += [_problem_dict(p, "header") for p in audio_problems]
+        else:
+            # A link inside the corpus that leads out of it: never opened, never served.
+            info = None
+            stored.append(_outside_problem(item))
         rows.append(
             Utterance(
                 dataset=dataset,
@@ -327,6 +362,16 @@ def _store_items(
     rows += [r for r in file_rows if r.item_id not in existing]
     Utterance.objects.bulk_create(rows, ignore_conflicts=True)
     progress(total, total)
+
+
+def _outside_problem(item: CorpusItem) -> dict:
+    return {
+        "code": "outside_dataset",
+        "message": f"{item.audio_path.name}: the file lies outside the dataset's folder "
+        "(a link that leads out of it); it was not read",
+        "severity": "error",
+        "stage": "header",
+    }
 
 
 def _unusable_row(dataset: Dataset, item_id: str, path: str, problems: list[dict]) -> Utterance:

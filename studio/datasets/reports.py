@@ -17,11 +17,17 @@ BATCH = 500
 def problem_table(dataset: Dataset) -> list[dict]:
     """Counts by problem code with severity and one example message, most frequent first."""
     rows: dict[str, dict] = {}
+    root = _corpus_root(dataset)
     for problems in dataset.utterances.exclude(problems=[]).values_list("problems", flat=True):
         for p in problems:
             row = rows.setdefault(
                 p["code"],
-                {"code": p["code"], "count": 0, "errors": 0, "example": p["message"]},
+                {
+                    "code": p["code"],
+                    "count": 0,
+                    "errors": 0,
+                    "example": without_server_paths(p["message"], root),
+                },
             )
             row["count"] += 1
             row["errors"] += p.get("severity") == "error"
@@ -31,23 +37,62 @@ def problem_table(dataset: Dataset) -> list[dict]:
 def problem_csv_rows(dataset: Dataset) -> Iterator[list[str]]:
     yield ["item_id", "speaker", "file", "code", "severity", "kept", "message"]
     utterances = dataset.utterances.exclude(problems=[]).select_related("speaker")
+    root = _corpus_root(dataset)
     for u in utterances.iterator(chunk_size=BATCH):
         for p in u.problems:
             yield [
                 u.item_id,
                 u.speaker.name if u.speaker else "",
-                u.audio_path,
+                shown_path(u.audio_path, root),
                 p["code"],
                 p.get("severity", ""),
                 "yes" if u.usable else "no",
-                p["message"],
+                without_server_paths(p["message"], root),
             ]
+
+
+def _corpus_root(dataset: Dataset) -> Path | None:
+    from studio.datasets.importing import raw_dir
+
+    try:
+        return raw_dir(dataset).resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def shown_path(path: str, root: Path | None) -> str:
+    """A file as the person knows it: relative to their corpus, never the server's layout."""
+    if not path:
+        return ""
+    p = Path(path)
+    if root is not None and p.is_absolute():
+        try:
+            return p.resolve().relative_to(root).as_posix()
+        except (ValueError, OSError, RuntimeError):
+            pass
+    return p.name if p.is_absolute() else p.as_posix()
+
+
+def without_server_paths(message: str, root: Path | None) -> str:
+    """A message with the server's folders cut out (an OSError names the full path)."""
+    from django.conf import settings
+
+    prefixes = [str(root)] if root is not None else []
+    prefixes += [str(settings.MEDIA_ROOT), str(settings.DATA_DIR)]
+    for prefix in sorted(set(prefixes), key=len, reverse=True):
+        message = message.replace(prefix.rstrip("/") + "/", "").replace(prefix, "")
+    return message
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (tab and carriage
+# return too: some programs strip them and then read what follows).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_line(row: list[str]) -> str:
     """One CSV line; cells that a spreadsheet would run as a formula get a leading quote."""
     buffer = io.StringIO()
-    safe = ["'" + c if c[:1] in ("=", "+", "-", "@") else c for c in map(str, row)]
+    safe = ["'" + c if c.startswith(FORMULA_STARTS) else c for c in map(str, row)]
     csv.writer(buffer).writerow(safe)
     return buffer.getvalue()
 

@@ -3,7 +3,6 @@ Dataset.objects.visible_to, so another person's dataset is a 404, never a peek."
 
 from __future__ import annotations
 
-import mimetypes
 from pathlib import Path
 
 from django.conf import settings
@@ -11,7 +10,6 @@ from django.contrib import messages
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 from django.db.models.deletion import ProtectedError
 from django.http import (
-    FileResponse,
     Http404,
     HttpResponse,
     JsonResponse,
@@ -24,6 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 from studio.datasets import importing, reports, tasks
 from studio.datasets.forms import RegisterFolderForm, UploadDatasetForm
 from studio.models import Dataset, Utterance
+from studio.security import audio_file_response
 
 
 class SizeLimitedUploadHandler(FileUploadHandler):
@@ -194,27 +193,38 @@ def dataset_durations_png(request, pk: int):
 
 
 def _utterance(request, pk: int, uid: int) -> Utterance:
+    """A usable utterance of a visible dataset: rows a problem dropped (a file that did not
+    decode as audio, say a page.html named by the metadata) are never served in any form."""
     dataset = _dataset(request, pk)
-    utterance = get_object_or_404(dataset.utterances.exclude(audio_path=""), pk=uid)
+    usable = dataset.utterances.filter(usable=True, sample_rate__isnull=False)
+    utterance = get_object_or_404(usable.exclude(audio_path=""), pk=uid)
     utterance.dataset = dataset
     return utterance
+
+
+def _audio_path(utterance: Utterance) -> Path:
+    """The file, provided it still lies inside the dataset's own folder (after following
+    links): a row edited to point elsewhere, or a link swapped in later, leaks nothing."""
+    path = Path(utterance.audio_path)
+    if not importing.inside_dataset(utterance.dataset, path) or not path.is_file():
+        raise Http404("the audio file is no longer there")
+    return path
 
 
 @require_GET
 def utterance_audio(request, pk: int, uid: int):
     utterance = _utterance(request, pk, uid)
-    path = Path(utterance.audio_path)
-    if not path.is_file():
-        raise Http404("the audio file is no longer there")
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    if path.suffix.lower() == ".flac":
-        content_type = "audio/flac"
-    return FileResponse(path.open("rb"), content_type=content_type)
+    response = audio_file_response(_audio_path(utterance), f"utterance-{utterance.pk}")
+    if response is None:
+        raise Http404("the file does not decode as audio")
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
 
 
 @require_GET
 def utterance_mel_png(request, pk: int, uid: int):
     utterance = _utterance(request, pk, uid)
+    _audio_path(utterance)
     try:
         png = reports.mel_png(utterance)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
