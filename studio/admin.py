@@ -27,7 +27,9 @@ class DatasetAdmin(admin.ModelAdmin):
     ]
     list_filter = ["status", "format", "language", "source"]
     search_fields = ["name", "owner__username", "source_path"]
-    readonly_fields = ["created", "updated", "problem_counts"]
+    # Paths come from the upload or the register form, which check them against the allowed
+    # roots; the admin must not be a way round that check.
+    readonly_fields = ["created", "updated", "problem_counts", "source", "source_path"]
     raw_id_fields = ["owner"]
 
 
@@ -46,6 +48,7 @@ class UtteranceAdmin(admin.ModelAdmin):
     search_fields = ["item_id", "text", "speaker__name"]
     raw_id_fields = ["dataset", "speaker"]
     list_select_related = ["dataset", "speaker"]
+    readonly_fields = ["audio_path"]  # written by the import, which checks it
 
 
 @admin.register(TrainingConfig)
@@ -113,6 +116,7 @@ class RunAdmin(admin.ModelAdmin):
     list_display = [
         "__str__",
         "owner",
+        "kind",
         "status",
         "dataset",
         "config",
@@ -120,9 +124,16 @@ class RunAdmin(admin.ModelAdmin):
         "last_loss",
         "created",
     ]
-    list_filter = ["status", "config__model_size"]
+    list_filter = ["kind", "status", "config__model_size"]
     search_fields = ["name", "owner__username", "dataset__name", "error"]
-    raw_id_fields = ["owner", "dataset", "config", "resume_from", "init_from"]
+    raw_id_fields = [
+        "owner",
+        "dataset",
+        "config",
+        "resume_from",
+        "init_from",
+        "acoustic_checkpoint",
+    ]
     readonly_fields = [
         "config_snapshot",
         "celery_task_id",

@@ -147,14 +147,19 @@ SCORE_FIELDS = (
     "mcd_db",
     "wer_output",
     "wer_ground_truth",
+    "dnsmos_ovrl",
+    "dnsmos_ovrl_ground_truth",
     "ground_truth",
     "rtf",
+    "vocoder",
 )
 
 
 def score_summary(ckpt) -> dict:
     scores = ckpt.scores or {}
     summary = {k: scores[k] for k in SCORE_FIELDS if k in scores}
+    if summary.get("vocoder") not in (None, "hifigan", "griffin-lim"):
+        summary["vocoder"] = "fine-tuned"  # a checkpoint path: never sent to the browser
     summary["pending"] = ckpt.scoring_pending
     return summary
 

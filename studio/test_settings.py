@@ -41,3 +41,7 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast log
 
 # Each test builds the Gradio page it needs; a background build per test would only slow them.
 STUDIO_SYNTH_PREWARM = False
+
+# Griffin-Lim where speed matters; the tests that need HiFi-GAN ask for it by name.
+STUDIO_VOCODER = "griffin-lim"
+STUDIO_EVAL_VOCODER = "griffin-lim"

@@ -88,7 +88,9 @@ class Recogniser:
 
         wav = np.asarray(wav, dtype=np.float32).reshape(-1)
         if sr != ASR_SAMPLE_RATE:
-            wav = torchaudio.functional.resample(torch.from_numpy(wav), sr, ASR_SAMPLE_RATE).numpy()
+            from training.audio import resample
+
+            wav = resample(torch.from_numpy(wav), sr, ASR_SAMPLE_RATE).numpy()
         pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
         with cls._lock:
             if cls._decoder is None:

@@ -58,6 +58,8 @@ class PageSources:
     # The vocoders the user may pick: HiFi-GAN universal, their fine-tuned vocoders (name = the
     # checkpoint path, never shown to the browser) and Griffin-Lim. None: the built-in two.
     list_vocoders: Callable[[str], list[VocoderChoice]] | None = None
+    # The vocoder picked when the page opens (a VocoderChoice.name); None: default_vocoder_name().
+    default_vocoder: str | None = None
     device: str = "auto"
     max_chars: int = 2000
     home_url: str = "/"
@@ -123,7 +125,8 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
         choices = vocoder_choices(user_of(request))
         options = [(c.label, vocoder_key(c)) for c in choices if c.available]
         keys = [key for _, key in options]
-        default = default_vocoder_name()
+        default = sources.default_vocoder or default_vocoder_name()
+        default = next((vocoder_key(c) for c in choices if c.name == default), default)
         value = default if default in keys else (keys[0] if keys else None)
         missing = [f"{c.label} is unavailable: {c.reason}" for c in choices if not c.available]
         return gr.Dropdown(choices=options, value=value), "\n\n".join(missing)

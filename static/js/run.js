@@ -130,8 +130,11 @@
           num(s.secs_real_same_speaker, 2) + ", of two speakers: " + num(s.secs_real_different_speakers, 2)),
         line("MCD " + num(s.mcd_db, 2, " dB"), "Mel cepstral distortion against the ground truth, DTW-aligned"),
         line("WER " + pct(s.wer_output) + " vs " + pct(s.wer_ground_truth) + " GT", "Word error rate of pocketsphinx on the output, and on the ground truth"),
+        line("MOS " + num(s.dnsmos_ovrl, 2) + " vs " + num(s.dnsmos_ovrl_ground_truth, 2) + " GT",
+          "DNSMOS P.835 overall: predicted naturalness (1-5) of the output, and of the ground truth's own mel through the same vocoder"),
         line("RTF " + num(s.rtf, 3), "Synthesis seconds per second of audio (CPU, one thread)"),
-        el("span", { cls: "muted small", text: "on " + s.n_utterances + " utterance" + (s.n_utterances === 1 ? "" : "s") }),
+        el("span", { cls: "muted small", text: "on " + s.n_utterances + " utterance" + (s.n_utterances === 1 ? "" : "s") +
+          (s.vocoder ? ", vocoder " + s.vocoder : "") }),
       ];
     }
     if (s.state === "queued") return [el("span", { cls: "muted small", text: "queued, but no worker took it" })];

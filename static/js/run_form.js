@@ -10,6 +10,9 @@
 
   function update() {
     const source = val("source");
+    const vocoder = val("kind") === "vocoder";
+    document.getElementById("acoustic-fields").hidden = vocoder;
+    document.getElementById("vocoder-fields").hidden = !vocoder;
     document.getElementById("preset-fields").hidden = source !== "preset";
     document.getElementById("preset-summary").hidden = source !== "preset";
     document.getElementById("config-fields").hidden = source !== "config";
@@ -24,7 +27,7 @@
     let batch = parseInt(form.elements.batch_size.value, 10);
     if (!batch && source === "preset" && p) batch = p.batch_size;
     let warning = "";
-    if (source === "preset" && ranges[size] && batch) {
+    if (!vocoder && source === "preset" && ranges[size] && batch) {
       const r = ranges[size];
       if (batch < r[0] || batch > r[1]) warning = "⚠ batch size " + batch + " is outside the recommended " + r[0] + "-" + r[1] + " for the '" + size + "' model";
     }

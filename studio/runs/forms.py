@@ -1,4 +1,5 @@
-"""Starting a run: a ready dataset, a saved config or a preset, and where to start from.
+"""Starting a run: a ready dataset, a saved config or a preset, and where to start from; or,
+for a run of kind "vocoder", HiFi-GAN fine-tuned on the dataset (training.vocoder).
 
 Everything that decides whether a run may start is checked here against the one table in
 training.config, and the resulting flat config is frozen into Run.config_snapshot; the worker
@@ -22,6 +23,7 @@ from training.config import (
     check_safe,
     preset,
 )
+from training.vocoder import VocoderConfig
 
 
 def preset_summaries() -> dict:
@@ -53,6 +55,22 @@ class RunForm(forms.Form):
     ]
 
     name = forms.CharField(max_length=200, required=False)
+    kind = forms.ChoiceField(
+        choices=[
+            (Run.Kind.ACOUSTIC, "A voice (acoustic model: text to mel)"),
+            (Run.Kind.VOCODER, "A vocoder (HiFi-GAN universal fine-tuned on this dataset)"),
+        ],
+        initial=Run.Kind.ACOUSTIC,
+        required=False,
+        widget=forms.RadioSelect,
+    )
+    acoustic_checkpoint = forms.ModelChoiceField(
+        queryset=Checkpoint.objects.none(),
+        required=False,
+        label="Mels from an acoustic checkpoint (optional)",
+        help_text="The vocoder learns from this model's teacher-forced mels of the dataset, the "
+        "mels it will be given; empty: the recordings' own mels.",
+    )
     dataset = forms.ModelChoiceField(
         queryset=Dataset.objects.none(),
         help_text="Only preprocessed (ready) datasets can be trained on.",
@@ -89,13 +107,25 @@ class RunForm(forms.Form):
             Checkpoint.objects.visible_to(user).select_related("run").order_by("-created")
         )
         self.fields["checkpoint"].label_from_instance = lambda c: c.label
+        self.fields["acoustic_checkpoint"].queryset = (
+            Checkpoint.objects.visible_to(user)
+            .filter(run__kind=Run.Kind.ACOUSTIC)
+            .select_related("run")
+            .order_by("-created")
+        )
+        self.fields["acoustic_checkpoint"].label_from_instance = lambda c: c.label
         for name in self.OVERRIDES:
             self.fields[name].help_text = "Leave empty to use the config's value."
+
+    def clean_kind(self):
+        return self.cleaned_data.get("kind") or Run.Kind.ACOUSTIC
 
     def clean(self):
         data = super().clean()
         if self.errors:
             return data
+        if data["kind"] == Run.Kind.VOCODER:
+            return self._clean_vocoder(data)
         if data["source"] == "config":
             config = data.get("config")
             if config is None:
@@ -133,6 +163,32 @@ class RunForm(forms.Form):
         self.values = values
         return data
 
+    def _clean_vocoder(self, data: dict) -> dict:
+        """VocoderConfig's defaults (the HiFi-GAN recipe) with the length and batch overrides."""
+        values = VocoderConfig().to_dict()
+        for name in self.OVERRIDES:
+            if data.get(name) is not None:
+                values[name] = data[name]
+        try:
+            VocoderConfig(**values).check()
+        except ValueError as exc:
+            self.add_error(None, str(exc))
+            return data
+        acoustic = data.get("acoustic_checkpoint")
+        if acoustic is not None:
+            if not Path(acoustic.path).is_file():
+                self.add_error(
+                    "acoustic_checkpoint", "That checkpoint's file is gone from the server."
+                )
+            elif data.get("dataset") and acoustic.run.dataset_id != data["dataset"].pk:
+                self.warnings.append(
+                    f"{acoustic.label} was trained on another dataset: the run fails at once "
+                    "if its symbol table differs from this dataset's."
+                )
+        self._clean_start(data, values)
+        self.values = values
+        return data
+
     def _clean_start(self, data: dict, values: dict) -> None:
         start, ckpt = data["start"], data.get("checkpoint")
         if start == "scratch":
@@ -141,8 +197,21 @@ class RunForm(forms.Form):
         if ckpt is None:
             self.add_error("checkpoint", "Pick the checkpoint to start from.")
             return
+        if ckpt.run.kind != data["kind"]:
+            self.add_error(
+                "checkpoint",
+                f"That is a checkpoint of a {ckpt.run.get_kind_display().lower()} run; this run "
+                f"trains a {Run.Kind(data['kind']).label.lower()}.",
+            )
+            return
+        if start == "resume" and data["kind"] == Run.Kind.VOCODER and ckpt.path.endswith("best.pt"):
+            self.add_error(
+                "checkpoint",
+                "best.pt holds the generator alone: resume from a step checkpoint, or fine-tune "
+                "this one.",
+            )
         ckpt_size = (ckpt.run.config_snapshot or {}).get("size")
-        if ckpt_size and ckpt_size != values["size"]:
+        if ckpt_size and ckpt_size != values.get("size"):
             self.add_error(
                 "checkpoint",
                 f"That checkpoint is of a '{ckpt_size}' model; this config trains a "
@@ -159,7 +228,10 @@ class RunForm(forms.Form):
     @transaction.atomic
     def save(self) -> Run:
         data = self.cleaned_data
-        if data["source"] == "config":
+        vocoder = data["kind"] == Run.Kind.VOCODER
+        if vocoder:
+            config = None  # the snapshot is a VocoderConfig; no saved acoustic config applies
+        elif data["source"] == "config":
             config = data["config"]
         else:
             config = TrainingConfig.objects.preset(
@@ -170,6 +242,8 @@ class RunForm(forms.Form):
             owner=self.user,
             name=data.get("name") or "",
             dataset=data["dataset"],
+            kind=data["kind"],
+            acoustic_checkpoint=data.get("acoustic_checkpoint") if vocoder else None,
             config=config,
             config_snapshot=self.values,
             total_steps=self.values["steps"],

@@ -32,6 +32,13 @@ class SynthesizeForm(forms.Form):
         error_messages={"invalid_choice": "language must be en or fa."},
     )
     speaker = forms.CharField(required=False)
+    # hifigan, griffin-lim, or a fine-tuned vocoder's checkpoint id; resolved against the user's
+    # own runs by studio.synthesis.vocoders.resolve (empty: the studio's default).
+    vocoder = forms.CharField(
+        required=False,
+        max_length=100,
+        error_messages={"max_length": "vocoder must be hifigan, griffin-lim or a checkpoint id."},
+    )
 
     # The engine checks the ranges of speed, pitch and energy (it owns them); the form only
     # fills in the defaults of the fields left out.

@@ -19,7 +19,8 @@ from django.contrib.auth import get_user_model
 from django.db import close_old_connections
 from django.shortcuts import resolve_url
 
-from studio.models import Checkpoint
+from studio.models import Checkpoint, Run
+from studio.synthesis import vocoders
 
 MOUNT_PATH = "/synthesize"
 
@@ -38,6 +39,7 @@ def checkpoint_choices(user_id: str) -> list:
         return []
     rows = (
         Checkpoint.objects.visible_to(user)
+        .exclude(run__kind=Run.Kind.VOCODER)  # those are vocoders, offered in their own menu
         .select_related("run")
         .order_by("-run__created", "-step")[:200]
     )
@@ -58,6 +60,21 @@ def checkpoint_file(user_id: str, checkpoint_id: str) -> Path | None:
     return Path(ckpt.path) if ckpt is not None else None
 
 
+def vocoder_choices(user_id: str) -> list:
+    """HiFi-GAN universal (or why it is missing), the user's fine-tuned vocoders (the best
+    checkpoint of each vocoder run they may see), and Griffin-Lim as the fast preview."""
+    from synthesis.vocoders import available_vocoders
+
+    close_old_connections()
+    user = _user(user_id)
+    if user is None:
+        return []
+    tuned = {c.path: vocoders.label(c) for c in vocoders.fine_tuned_vocoders(user)}
+    return available_vocoders(
+        {path: label for path, label in tuned.items() if Path(path).is_file()}
+    )
+
+
 def page_sources():
     from synthesis.gradio_page import PageSources
 
@@ -65,6 +82,8 @@ def page_sources():
         list_checkpoints=checkpoint_choices,
         resolve_checkpoint=checkpoint_file,
         list_speakers=None,  # read from the checkpoint itself: its table is what it was trained on
+        list_vocoders=vocoder_choices,
+        default_vocoder=vocoders.default_name(),
         device=settings.STUDIO_SYNTH_DEVICE,
         max_chars=settings.STUDIO_MAX_SYNTH_CHARS,
     )

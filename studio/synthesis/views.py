@@ -2,7 +2,9 @@
 
 POST /api/token      username + password -> {"token": ...}
 POST /api/synthesize checkpoint, text [, reference file(s), speaker, language, speed, pitch,
-                     energy] -> audio/wav, with a session cookie or `Authorization: Bearer <token>`.
+                     energy, vocoder] -> audio/wav, with a session cookie or
+                     `Authorization: Bearer <token>`. vocoder: hifigan, griffin-lim, or the id of
+                     a checkpoint of one of the user's vocoder runs (default: STUDIO_VOCODER).
 
 Tokens are signed, not stored: they carry the user id and a fingerprint of the password hash,
 so changing the password revokes every token, and they expire after STUDIO_API_TOKEN_MAX_AGE.
@@ -15,6 +17,7 @@ import asyncio
 import functools
 import json
 import threading
+from pathlib import Path
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -27,6 +30,7 @@ from django.utils.crypto import constant_time_compare, salted_hmac
 from django.views.decorators.csrf import csrf_exempt
 
 from studio.models import Checkpoint
+from studio.synthesis import vocoders
 from studio.synthesis.forms import SynthesizeForm
 
 TOKEN_SALT = "studio.api.token"
@@ -131,12 +135,23 @@ def _checkpoint_path(user, checkpoint_id):
     return ckpt.path if ckpt is not None else None
 
 
-def _synthesize(path, text, references, speaker, lang, speed, pitch, energy):
+def _vocoder(user, value) -> tuple[str | None, str]:
+    """(name for load_vocoder or None, error message or "")."""
+    try:
+        name = vocoders.resolve(user, value)
+    except vocoders.VocoderChoiceError as exc:
+        return None, str(exc)
+    if name not in vocoders.BUILT_IN and not Path(name).is_file():
+        return None, "That vocoder checkpoint's file is gone from the server."
+    return name, ""
+
+
+def _synthesize(path, text, references, speaker, lang, speed, pitch, energy, vocoder):
     from synthesis.engine import Synthesizer
 
     _configure_threads_once()
     with _synth_slots():
-        synth = Synthesizer(path, settings.STUDIO_SYNTH_DEVICE)
+        synth = Synthesizer(path, settings.STUDIO_SYNTH_DEVICE, vocoder=vocoder)
         embedding = synth.speaker_embedding(speaker=speaker, references=references or None)
         return synth.synthesize(text, embedding, lang=lang, speed=speed, pitch=pitch, energy=energy)
 
@@ -182,8 +197,12 @@ async def synthesize(request):
     path = await sync_to_async(_checkpoint_path)(user, checkpoint_id)
     if path is None:
         return error(404, f"No checkpoint {checkpoint_id} that you may use.")
+    vocoder, problem = await sync_to_async(_vocoder)(user, data["vocoder"])
+    if problem:
+        return error(400, problem)
 
     from synthesis.reference_clips import ReferenceAudioError
+    from synthesis.vocoders import VocoderError
     from training.checkpoint import CheckpointError
 
     try:
@@ -197,9 +216,12 @@ async def synthesize(request):
             data["speed"],
             data["pitch"],
             data["energy"],
+            vocoder,
         )
     except ReferenceAudioError as exc:
         return error(400, str(exc))
+    except VocoderError as exc:
+        return error(400, f"The vocoder cannot be used: {exc}")
     except CheckpointError as exc:
         return error(409, f"The checkpoint cannot be used: {exc}")
     except FileNotFoundError:
@@ -212,4 +234,5 @@ async def synthesize(request):
     response["X-Sample-Rate"] = str(out.sample_rate)
     response["X-Audio-Seconds"] = f"{out.duration_s:.3f}"
     response["X-Real-Time-Factor"] = f"{out.timings['rtf']:.3f}"
+    response["X-Vocoder"] = vocoder if vocoder in vocoders.BUILT_IN else "fine-tuned"
     return response
