@@ -356,6 +356,12 @@ def main() -> None:
         "where a fixed run shows the old controller never deciding)",
     )
     parser.add_argument(
+        "--summary",
+        type=Path,
+        help="also write the per start and arm means as JSON here (the config page shows "
+        "studio/configs/adaptive_ablation.json)",
+    )
+    parser.add_argument(
         "--sweep",
         action="store_true",
         help="train nothing: decisions of the new rule per TREND_Z on synthetic losses",
@@ -378,6 +384,8 @@ def main() -> None:
         print(paired_table(results))
         print()
         print(recovery_table(results))
+        if args.summary:
+            write_summary(results, args.summary)
         return
 
     if not (args.data / "meta.json").exists():
@@ -427,6 +435,46 @@ def main() -> None:
     print(paired_table(results), flush=True)
     print()
     print(recovery_table(results), flush=True)
+    if args.summary:
+        write_summary(results, args.summary)
+
+
+def write_summary(results: list[dict], path: Path) -> None:
+    """Means and spreads per start and arm, small enough to ship with the studio."""
+
+    def spread(values: list[float]) -> dict:
+        return {
+            "mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+        }
+
+    rows = []
+    for start in START_WEIGHTS:
+        for arm in ARMS:
+            runs = [r for r in results if r["start"] == start and r["arm"] == arm]
+            if not runs:
+                continue
+            rows.append(
+                {
+                    "start": start,
+                    "arm": arm,
+                    "seeds": sorted(r["seed"] for r in runs),
+                    "val_mel": spread([r["val_mel"] for r in runs]),
+                    "mcd_db": spread([r["mcd_db"] for r in runs]),
+                    "applied": sum(r["changes"] for r in runs),
+                    "rejected": sum(r["rejections"] for r in runs),
+                    "unstable": sum(r["skipped"] + r["rollbacks"] + r["non_finite"] for r in runs),
+                }
+            )
+    summary = {
+        "model": "tiny",
+        "level": "enhanced",
+        "steps": results[0]["steps"],
+        "batch_size": results[0]["batch_size"],
+        "starts": {k: v or "defaults" for k, v in START_WEIGHTS.items()},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
 
 def trend_z_sweep(zs=(1.5, 2.0, 2.5, 3.0), seeds=(0, 1, 2)) -> list[dict]:

@@ -81,3 +81,17 @@ def test_staff_sees_every_config(client, staff_user, other_user):
 
 def test_unknown_url_is_404_page(client_user):
     assert client_user.get("/no/such/page/").status_code == 404
+
+
+def test_config_page_shows_the_adaptive_ablation(client_user):
+    """Whoever switches the adaptive loss off sees what it was measured to do."""
+    from studio.configs.views import adaptive_ablation
+
+    ablation = adaptive_ablation()
+    assert ablation is not None, "studio/configs/adaptive_ablation.json is missing or unreadable"
+    assert {(r["start"], r["arm"]) for r in ablation["rows"]} >= {
+        ("well", "fixed"),
+        ("well", "new"),
+    }
+    html = client_user.get("/configs/new/").content.decode()
+    assert 'id="adaptive-ablation"' in html

@@ -216,6 +216,44 @@ def test_run_page_shows_record_controls_and_diagnoses(client_user, user, dataset
     assert 'id="cancel-form"' in html and 'id="resume-form" hidden' in html
 
 
+def test_run_page_counts_controller_decisions_and_hold_reasons(client_user, user, dataset):
+    """The controller is seen to be alive: decisions by outcome and, per reason, its holds."""
+    run = tiny_run(user, dataset)
+    decision = {"step": 150, "old": 2.5, "new": 2.625, "reason": "loss rising"}
+    RunEvent.objects.create(
+        run=run, step=150, kind="adaptive", message="up", data={**decision, "applied": True}
+    )
+    RunEvent.objects.create(
+        run=run, step=260, kind="adaptive", message="no", data={**decision, "applied": False}
+    )
+    for step, totals in ((200, {"dead_band": 3, "noisy": 1}), (300, {"dead_band": 9, "noisy": 4})):
+        RunEvent.objects.create(
+            run=run,
+            step=step,
+            kind="adaptive",
+            message="held",
+            data={
+                "weight": 2.625,
+                "held": {},
+                "holds_total": {**totals, "cooling": 0},
+                "last": None,
+            },
+        )
+    page = client_user.get(f"/runs/{run.pk}/")
+    summary = page.context["controller"]
+    assert (summary["applied"], summary["rejected"], summary["as_of"]) == (1, 1, 300)
+    assert [(h["code"], h["count"]) for h in summary["holds"]] == [("dead_band", 9), ("noisy", 4)]
+    html = page.content.decode()
+    assert 'id="hold-reasons"' in html and "no clear trend of the loss" in html
+
+
+def test_run_page_without_controller_events_says_when_it_starts(client_user, user, dataset):
+    run = tiny_run(user, dataset)
+    page = client_user.get(f"/runs/{run.pk}/")
+    assert page.context["controller"] is None
+    assert "after its warm-up" in page.content.decode()
+
+
 def test_other_users_runs_and_their_files_are_404(client, user, other_user, dataset):
     run = tiny_run(user, dataset)
     ckpt = Checkpoint.objects.create(run=run, step=4, path=str(checkpoint_file(run, 4)))

@@ -20,6 +20,7 @@ from studio import live
 from studio.models import AudioSample, Checkpoint, Dataset, Run, safe_ranges_table
 from studio.runs.forms import ResumeForm, RunForm, preset_summaries
 from training.config import BATCH_RANGES, batch_warning
+from training.losses import HOLD_REASONS
 
 LOG_TAIL_BYTES = 256 * 1024
 COMPARE_MAX_RUNS = 8
@@ -78,6 +79,33 @@ def _initial(request) -> dict:
     return initial
 
 
+def controller_summary(run: Run) -> dict | None:
+    """What the adaptive controller did: its decisions and, per reason, how often it held.
+
+    The trainer's rate-limited hold reports carry the run's running totals (`holds_total`), so the
+    newest report alone gives every count; decisions are one event each.
+    """
+    adaptive = run.events.filter(kind="adaptive")
+    latest = adaptive.filter(data__has_key="holds_total").order_by("-step", "-created").first()
+    applied = adaptive.filter(data__applied=True).count()
+    rejected = adaptive.filter(data__applied=False).count()
+    if latest is None and not applied and not rejected:
+        return None
+    totals = latest.data.get("holds_total", {}) if latest else {}
+    holds = [
+        {"code": code, "reason": HOLD_REASONS.get(code, code), "count": count}
+        for code, count in sorted(totals.items(), key=lambda kv: -kv[1])
+        if count
+    ]
+    return {
+        "applied": applied,
+        "rejected": rejected,
+        "holds": holds,
+        "weight": latest.data.get("weight") if latest else None,
+        "as_of": latest.step if latest else None,
+    }
+
+
 def run_detail(request, pk):
     run = _run(request, pk)
     snapshot = run.config_snapshot or {}
@@ -99,6 +127,7 @@ def run_detail(request, pk):
             "checkpoints": [live.checkpoint_dict(c) for c in run.checkpoints.order_by("-step")],
             "samples": run.samples.order_by("-step", "utterance_id")[: live.HISTORY_SAMPLES],
             "events": run.events.exclude(kind="diagnosis").order_by("-step", "-created")[:100],
+            "controller": controller_summary(run),
             "resume_form": ResumeForm(run),
             "has_log": (Path(run.out_dir) / "worker.log").is_file() if run.out_dir else False,
             "ws_path": f"/ws/runs/{run.pk}/",
