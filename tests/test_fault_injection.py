@@ -117,3 +117,33 @@ def test_training_survives_nan_batches_and_a_learning_rate_spike(feature_cache, 
     # After the rollback the run keeps learning rather than limping along at the spike's level.
     assert mean_loss(range(SPIKE_STEP + 10, SPIKE_STEP + 20)) < 2 * last
     assert recorder.evals and all(math.isfinite(m["val/mel"]) for m in recorder.evals)
+
+
+def test_rollback_to_the_start_does_not_livelock(feature_cache, tmp_path):
+    """The spike comes before the first checkpoint: back to the starting weights, once.
+
+    Judged against the running loss of the trained weights, the starting weights' loss looked
+    like a spike on every step, and the guard rolled back until the learning rate was 0.
+    """
+    cfg = preset("tiny", "enhanced")
+    cfg.steps, cfg.batch_size, cfg.lr_warmup_steps = STEPS, 8, 20
+    cfg.eval_every, cfg.checkpoint_every = 1000, 1000
+    recorder = Recorder()
+    trainer = SpikeOnly(cfg, feature_cache, tmp_path / "run", recorder)
+    result = trainer.run()
+    events = [e for m in recorder.steps for e in m["events"]]
+    rollbacks = [e for e in events if e["kind"] == "rollback"]
+    assert result.status == "finished"
+    assert len(rollbacks) == 1 and "starting weights" in rollbacks[0]["message"]
+    assert trainer.schedule.scale == pytest.approx(cfg.rollback_lr_factor)
+    after = [m for m in recorder.steps if m["step"] > rollbacks[0]["step"] + 5]
+    skipped_after = [e for e in events if e["kind"] == "skip" and e["step"] > after[0]["step"]]
+    assert not skipped_after
+    # Training again from the start, the loss falls instead of being skipped at its first value.
+    assert after[-1]["loss/total"] < 0.9 * after[0]["loss/total"]
+
+
+class SpikeOnly(Trainer):
+    def lr_at(self, step):
+        lr = super().lr_at(step)
+        return lr * 1000 if step + 1 == SPIKE_STEP else lr

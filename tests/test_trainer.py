@@ -19,7 +19,7 @@ import torch
 from training.audio import AudioConfig
 from training.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from training.config import TrainConfig, UnsafeConfig
-from training.trainer import Callbacks, LRSchedule, Sample, Trainer
+from training.trainer import Callbacks, LRSchedule, Sample, Trainer, TrainingDiverged
 
 SYMBOLS = ["<pad>", "a", "b", "c", "d", "e", "f", "g", "h"]
 
@@ -288,6 +288,86 @@ def test_rollback_before_any_checkpoint_returns_to_the_start(cache, tmp_path):
     assert event["kind"] == "rollback" and "starting weights" in event["message"]
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, start[k]), k
+
+
+def test_rollbacks_are_capped_and_never_go_back_to_random_weights(cache, tmp_path):
+    """Weights that break on every batch: roll back to checkpoints only, then fail with why."""
+    NaNBatches.poisoned = set(range(5, 200))
+    rec = Recorder()
+    cfg = tiny_config(
+        steps=60, max_consecutive_skips=2, checkpoint_every=4, keep_last=1, max_rollbacks=3
+    )
+    trainer = NaNBatches(cfg, cache, tmp_path / "run", rec)
+    with pytest.raises(TrainingDiverged, match="3 rollbacks did not cure the run"):
+        trainer.run()
+    rollbacks = [e for m in rec.steps for e in m["events"] if e["kind"] == "rollback"]
+    assert len(rollbacks) == 3
+    assert not any("starting weights" in e["message"] for e in rollbacks)
+    # keep_last=1 would have pruned it; the checkpoint that cured the run once is kept.
+    assert trainer.known_good and Path(trainer.known_good).is_file()
+    # The learning rate was lowered three times, never to nothing.
+    assert trainer.schedule.scale == pytest.approx(0.125)
+
+
+class OutOfMemoryOnce(Trainer):
+    """Runs out of memory once, at optimiser step 7, the way a long batch does on a GPU."""
+
+    def train_step(self):
+        if self.step + 1 == 7 and not self.oom_recoveries:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().train_step()
+
+
+class RewindRecorder(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.rewinds = []
+
+    def on_rewind(self, step, changes):
+        self.rewinds.append((step, changes))
+
+
+def test_out_of_memory_resumes_from_the_checkpoint_with_half_the_micro_batch(cache, tmp_path):
+    rec = RewindRecorder()
+    cfg = tiny_config(steps=10, checkpoint_every=4, batch_size=4, grad_accum_steps=1)
+    trainer = OutOfMemoryOnce(cfg, cache, tmp_path / "run", rec)
+    result = trainer.run()
+    assert result.status == "finished" and result.step == 10
+    assert (cfg.batch_size, cfg.grad_accum_steps) == (2, 2)  # the same 4 utterances per step
+    assert rec.rewinds == [(4, {"batch_size": 2, "grad_accum_steps": 2})]
+    oom = [e for m in rec.steps for e in m["events"] if e["kind"] == "oom"]
+    assert len(oom) == 1 and "resumed from step 4 with micro-batch 2 x 2" in oom[0]["message"]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    # The replayed steps replaced their first tries in the file, not repeated them.
+    assert [x["step"] for x in lines if "loss/total" in x] == list(range(1, 11))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000010.pt")
+    assert ckpt["config"]["batch_size"] == 2 and ckpt["data_position"]["batch_size"] == 2
+
+
+def test_out_of_memory_at_micro_batch_one_fails_with_advice(cache, tmp_path):
+    cfg = tiny_config(steps=10, batch_size=1)
+    with pytest.raises(RuntimeError, match="micro-batch of one utterance"):
+        OutOfMemoryOnce(cfg, cache, tmp_path / "run").run()
+
+
+def test_resume_survives_a_torn_metrics_line_an_unreadable_checkpoint_and_temp_files(
+    cache, tmp_path
+):
+    cfg = tiny_config(steps=12, checkpoint_every=4)
+    out = tmp_path / "run"
+    Trainer(cfg, cache, out, Recorder(stop_at=8)).run()
+    ckpts = out / "checkpoints"
+    (ckpts / "step_0000008.pt").write_bytes(b"PK\x03\x04 torn by a full disk")
+    (ckpts / ".step_0000012.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "loss/to')  # the worker died mid-line
+    resumed = Trainer(cfg, cache, out, Recorder(), resume=True)
+    assert resumed.step == 4
+    assert any("unreadable checkpoint" in w for w in resumed.warnings)
+    assert not list(ckpts.glob(".*.tmp"))
+    assert resumed.run().status == "finished"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss/total" in x] == list(range(1, 13))
 
 
 def test_stop_saves_a_checkpoint(cache, tmp_path):

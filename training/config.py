@@ -147,6 +147,9 @@ class TrainConfig:
     # Guarding the step: consecutive skipped steps before rolling back to the last good checkpoint.
     max_consecutive_skips: int = 5
     rollback_lr_factor: float = 0.5
+    # Rollbacks that did not cure a run: past this many it fails with the reason instead of
+    # walking back further with an ever smaller learning rate.
+    max_rollbacks: int = 4
     # plateau_breaker: no relative improvement of min_delta in the validation loss over
     # `plateau_patience` evals restarts the LR schedule (see PlateauDetector).
     plateau_patience: int = 3

@@ -38,9 +38,10 @@ def _to_float(value) -> float:
 class StepGuard:
     """Decides per optimiser step whether to apply it, skip it, or roll back.
 
-    On a rollback the trainer restores model, optimiser and scheduler from the checkpoint but
-    keeps this guard as it is: its counters are the run's history, and the verdict already
-    cleared the run of consecutive skips.
+    On a rollback the trainer restores model, optimiser and scheduler from the checkpoint and
+    this guard's running loss with them (the bar the restored weights are judged by); the
+    counters stay, they are the run's history, and the verdict already cleared the run of
+    consecutive skips.
     """
 
     def __init__(self, spike_threshold: float = 2.0, max_consecutive_skips: int = 5, smoothing=0.1):

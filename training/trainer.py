@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from training.audio import LOG_FLOOR, AudioConfig, griffin_lim
 from training.checkpoint import (
+    CheckpointError,
     load_checkpoint,
     save_checkpoint,
     step_checkpoint_path,
@@ -62,6 +64,10 @@ class Sample:
     mel: np.ndarray  # [80, frames] natural-log mel
 
 
+class TrainingDiverged(RuntimeError):
+    """Rollbacks did not cure the run; the message says what was tried."""
+
+
 class Callbacks:
     """The studio's window into a run; every method is a no-op here."""
 
@@ -73,6 +79,10 @@ class Callbacks:
 
     def on_checkpoint(self, path: str, info: dict) -> None:
         pass
+
+    def on_rewind(self, step: int, changes: dict) -> None:
+        """The trainer went back to `step` and will report every later step again; `changes`
+        are the config values it changed to get there (after running out of memory)."""
 
     def should_stop(self) -> bool:
         return False
@@ -180,6 +190,7 @@ class Trainer:
         callbacks: Callbacks | None = None,
         resume: bool = False,
         init_from=None,
+        vocoder=None,
     ):
         cfg.check()  # the worker refuses an unsafe config even if it was written around the forms
         if cfg.size not in MODEL_SIZES:
@@ -190,6 +201,9 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.callbacks = callbacks or Callbacks()
+        # mel [n_mels, frames] -> waveform for eval samples (the studio passes its default
+        # vocoder, synthesis.vocoders); None: Griffin-Lim.
+        self.vocoder = vocoder
         self.device = select_device(cfg.device)
         self.meta = read_meta(self.data_dir)
         self.symbols = list(self.meta["symbols"])
@@ -212,10 +226,8 @@ class Trainer:
             # training utterances; the warning says their loss is not a held-out one.
             self.warnings.append("the cache has no validation split; evaluating on training data")
             self.val_set, val_lengths = self.train_set, train_lengths
-        self.sampler = BucketBatchSampler(
-            train_lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=False
-        )
-        self.val_batches = BucketBatchSampler(val_lengths, cfg.batch_size, shuffle=False).batches()
+        self.lengths = {"train": train_lengths, "val": val_lengths}
+        self._batching()
         self.epoch, self.batch_in_epoch = 0, 0
         self._batches = None
 
@@ -243,6 +255,9 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.pending_events: list[dict] = []
         self.tried_rollbacks: set[str] = set()
+        # The checkpoint the last rollback restored: it cured the run once, so pruning keeps it.
+        self.known_good: str | None = None
+        self.oom_recoveries = 0
         self.last_saved_step = -1
         self.last_eval_step = -1
 
@@ -256,6 +271,16 @@ class Trainer:
         )  # the checkpoint always saves self.model, the uncompiled module
 
     # ------------------------------------------------------------------ setup
+
+    def _batching(self) -> None:
+        """Batches of cfg.batch_size; rebuilt when a recovery from out-of-memory halves it."""
+        cfg = self.cfg
+        self.sampler = BucketBatchSampler(
+            self.lengths["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=False
+        )
+        self.val_batches = BucketBatchSampler(
+            self.lengths["val"], cfg.batch_size, shuffle=False
+        ).batches()
 
     def _dataset(self, split: str):
         """The split's utterances that the aligner can align (at least one frame per token)."""
@@ -343,7 +368,11 @@ class Trainer:
             if self.callbacks.should_stop():
                 status = "stopped"
                 break
-            self.train_step()
+            try:
+                self.train_step()
+            except torch.OutOfMemoryError:
+                self.recover_from_oom()
+                continue
             if self.step % cfg.eval_every == 0:
                 self.evaluate()
             if self.step % cfg.checkpoint_every == 0:
@@ -467,22 +496,42 @@ class Trainer:
 
         The step counter and the data position go on: replaying the same batches could replay
         the fault. A checkpoint that already failed to cure the run is not tried again, so
-        repeated failures walk further back instead of looping on broken weights.
+        repeated failures walk further back instead of looping on broken weights; once every
+        checkpoint has been tried the oldest is used again, never the random starting weights.
+        The guard's running loss comes back with the weights: judged against the average of
+        the broken stretch, healthy restored weights looked like a spike on every step and
+        rolled back again and again (30 times in one reproduced run). Past `max_rollbacks`
+        the run fails with the reason.
         """
-        target = next(
-            (p for p in self._checkpoints()[::-1] if str(p) not in self.tried_rollbacks), None
-        )
-        if target is not None:
-            self.tried_rollbacks.add(str(target))
-            ckpt = load_checkpoint(target, map_location=self.device)
+        if self.guard.rollbacks > self.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"{self.cfg.max_rollbacks} rollbacks did not cure the run (learning rate already "
+                f"x{self.schedule.scale:g}): the data or the config keeps breaking the weights; "
+                "look at the skipped steps in the event log"
+            )
+        found = self._checkpoints()
+        untried = [p for p in found if str(p) not in self.tried_rollbacks]
+        ckpt, target = None, None
+        for path in (untried or found[:1])[::-1]:
+            self.tried_rollbacks.add(str(path))
+            try:
+                ckpt, target = load_checkpoint(path, map_location=self.device), path
+                break
+            except CheckpointError as exc:
+                self.warnings.append(f"rollback skipped an unreadable checkpoint: {exc}")
+        if ckpt is not None and target is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.loss_fn.load_state_dict(ckpt["loss_state"])
+            self.guard.running_loss = ckpt["guard_state"]["running_loss"]
+            self.known_good = str(target)
             source, source_step = target.name, int(ckpt["step"])
         else:
             self.model.load_state_dict(self.start_state["model"])
             self.optimizer.load_state_dict(self.start_state["optimizer"])
             self.loss_fn.load_state_dict(self.start_state["loss_state"])
+            # A fresh average: the first losses of the starting weights set the bar again.
+            self.guard.running_loss = None
             source, source_step = "the starting weights", self.start_state["step"]
         self.schedule.scale *= self.cfg.rollback_lr_factor
         return {
@@ -494,6 +543,59 @@ class Trainer:
             ),
             "data": {"to_step": source_step, "lr_scale": self.schedule.scale},
         }
+
+    def recover_from_oom(self) -> None:
+        """Out of memory in a step: go back to the newest checkpoint with half the micro-batch
+        and twice the accumulation, so each optimiser step still sees the same batch."""
+        cfg = self.cfg
+        failed_at = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self._batches = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if cfg.batch_size < 2:
+            raise RuntimeError(
+                f"out of memory at step {failed_at} with a micro-batch of one utterance: "
+                "choose a smaller model size or a device with more memory"
+            )
+        before = (cfg.batch_size, cfg.grad_accum_steps)
+        cfg.batch_size, cfg.grad_accum_steps = cfg.batch_size // 2, cfg.grad_accum_steps * 2
+        self._batching()
+        self.oom_recoveries += 1
+        if not self._load_newest():
+            self._restart_from_scratch()
+        changes = {"batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps}
+        self.callbacks.on_rewind(self.step, changes)
+        self.pending_events.append(
+            {
+                "kind": "oom",
+                "step": self.step,
+                "message": (
+                    f"out of memory at step {failed_at}: resumed from step {self.step} with "
+                    f"micro-batch {cfg.batch_size} x {cfg.grad_accum_steps} accumulation "
+                    f"(was {before[0]} x {before[1]})"
+                ),
+                "data": {**changes, "failed_at": failed_at, "was": list(before)},
+            }
+        )
+
+    def _restart_from_scratch(self) -> None:
+        """No checkpoint yet: the starting state, with the schedule and guard of step 0."""
+        cfg = self.cfg
+        self.model.load_state_dict(self.start_state["model"])
+        self.optimizer.load_state_dict(self.start_state["optimizer"])
+        self.loss_fn.load_state_dict(self.start_state["loss_state"])
+        self.guard = StepGuard(
+            spike_threshold=cfg.loss.max_loss_spike_threshold,
+            max_consecutive_skips=cfg.max_consecutive_skips,
+            smoothing=cfg.loss.loss_smoothing_factor,
+        )
+        self.schedule = LRSchedule(cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps)
+        self.step, self.epoch, self.batch_in_epoch = self.start_state["step"], 0, 0
+        self.last_eval_step = self.last_saved_step = -1
+        torch.manual_seed(cfg.seed)
+        self._truncate_metrics(self.step)
 
     def _model_state_copy(self) -> dict:
         return {
@@ -575,7 +677,10 @@ class Trainer:
             # pad with silence so early evals still produce (near-silent) audio.
             if mel.shape[1] < MIN_SAMPLE_FRAMES:
                 mel = F.pad(mel, (0, MIN_SAMPLE_FRAMES - mel.shape[1]), value=math.log(LOG_FLOOR))
-            wav = griffin_lim(mel, cfg=audio_cfg)
+            if self.vocoder is not None:
+                wav = torch.as_tensor(np.asarray(self.vocoder(mel), dtype=np.float32))
+            else:
+                wav = griffin_lim(mel, cfg=audio_cfg)
             out.append(
                 Sample(
                     id=item["id"],
@@ -604,7 +709,11 @@ class Trainer:
             "loss_state": self.loss_fn.state_dict(),
             "guard_state": self.guard.state_dict(),
             "rng": rng_state(),
-            "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+            "data_position": {
+                "epoch": self.epoch,
+                "batch": self.batch_in_epoch,
+                "batch_size": self.cfg.batch_size,
+            },
             "config": self.cfg.flat(),
             "symbols": self.symbols,
             "audio": self.meta["audio"],
@@ -625,7 +734,8 @@ class Trainer:
             self.last_checkpoint = str(path)
             self.last_saved_step = self.step
             for old in self._checkpoints()[: -self.cfg.keep_last]:
-                old.unlink(missing_ok=True)
+                if str(old) != self.known_good:
+                    old.unlink(missing_ok=True)
         self.callbacks.on_checkpoint(
             str(path), {"step": self.step, "val_loss": self.last_val_loss, "best": best}
         )
@@ -635,11 +745,31 @@ class Trainer:
         return step_checkpoints(self.out_dir)
 
     def _resume(self) -> bool:
-        found = self._checkpoints()
-        if not found:
+        for leftover in self.ckpt_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)  # a write that died before its rename
+        if not self._checkpoints():
             self.warnings.append(f"nothing to resume in {self.ckpt_dir}; starting from scratch")
             return False
-        ckpt = load_checkpoint(found[-1], map_location=self.device)
+        if not self._load_newest():
+            self.warnings.append("no checkpoint could be read; starting from scratch")
+            return False
+        return True
+
+    def _load_newest(self) -> bool:
+        """Every state of the newest readable checkpoint; an unreadable one is set aside."""
+        for path in self._checkpoints()[::-1]:
+            try:
+                ckpt = load_checkpoint(path, map_location=self.device)
+            except CheckpointError as exc:
+                self.warnings.append(f"skipped an unreadable checkpoint: {exc}")
+                path.rename(path.with_name(path.name + ".unreadable"))
+                continue
+            self._load_state(ckpt)
+            self.last_checkpoint = str(path)
+            return True
+        return False
+
+    def _load_state(self, ckpt: dict) -> None:
         if ckpt["size"] != self.cfg.size:
             raise ValueError(
                 f"cannot resume a '{ckpt['size']}' checkpoint as a '{self.cfg.size}' model"
@@ -654,16 +784,18 @@ class Trainer:
         self.loss_fn.load_state_dict(ckpt["loss_state"])
         self.guard.load_state_dict(ckpt["guard_state"])
         self.step = int(ckpt["step"])
-        self.epoch = int(ckpt["data_position"]["epoch"])
-        self.batch_in_epoch = int(ckpt["data_position"]["batch"])
+        position = ckpt["data_position"]
+        self.epoch = int(position["epoch"])
+        # Saved with another micro-batch (before an out-of-memory recovery): the same share of
+        # the epoch, counted in the batches of today's size.
+        saved_batch = int(position.get("batch_size", self.cfg.batch_size))
+        self.batch_in_epoch = int(position["batch"]) * saved_batch // self.cfg.batch_size
         self.best_val_loss = ckpt.get("best_val_loss")
         self.last_val_loss = ckpt.get("val_loss")
-        self.last_checkpoint = str(found[-1])
         self.last_saved_step = self.step
         self.last_eval_step = int(ckpt.get("eval_step", -1))
         set_rng_state(ckpt["rng"])
         self._truncate_metrics(self.step)
-        return True
 
     def _init_from(self, path) -> None:
         """Fine-tune: take the weights of another run's checkpoint, nothing else.
@@ -701,6 +833,12 @@ class Trainer:
         """Drop lines logged after the checkpoint we resume from; the resumed run logs them again."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the half-written last line of a worker killed mid-write
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -46,6 +46,10 @@ DIAGNOSIS_SERIES = (
 )
 
 
+class ClaimLost(RuntimeError):
+    """This worker's attempt no longer holds the run (taken over, cancelled or finished)."""
+
+
 class StudioCallbacks(Callbacks):
     """The trainer's reports, turned into rows, files and live messages."""
 
@@ -97,11 +101,14 @@ class StudioCallbacks(Callbacks):
             return
         buffer, self.buffer = self.buffer, []
         with transaction.atomic():
-            for step, values, t in buffer:
-                MetricPoint.record(self.run.pk, step, values, time=_aware(t))
-            Run.objects.filter(pk=self.run.pk).update(
+            # Fenced: only the attempt that holds the run writes its rows.
+            moved = self.run.claimed().update(
                 current_step=self.last_step, last_loss=self.last_loss, updated=timezone.now()
             )
+            if not moved:
+                raise ClaimLost(f"run {self.run.pk} is no longer held by {self.run.worker}")
+            for step, values, t in buffer:
+                MetricPoint.record(self.run.pk, step, values, time=_aware(t))
         self.run.current_step, self.run.last_loss = self.last_step, self.last_loss
         self.publisher.progress(self.run)
         self._diagnose()
@@ -124,6 +131,8 @@ class StudioCallbacks(Callbacks):
         self.publisher.add(events=[live.event_dict(e) for e in rows])
 
     def _diagnose(self) -> None:
+        if self.run.kind == Run.Kind.VOCODER:
+            return  # the diagnoses and their advice are written for acoustic models
         found = diagnose({k: list(v) for k, v in self.series.items()}, self.run.config_snapshot)
         new = [d for d in found if d.code not in self.diagnosed]
         for d in new:
@@ -183,6 +192,8 @@ class StudioCallbacks(Callbacks):
 
     def on_checkpoint(self, path: str, info: dict) -> None:
         self.flush()
+        if not self.run.holds_claim():
+            raise ClaimLost(f"run {self.run.pk} is no longer held by {self.run.worker}")
         self.run.record_checkpoint(path, info)
         logger.info(
             "checkpoint at step %d%s: %s", info["step"], " (best)" if info.get("best") else "", path
@@ -194,10 +205,25 @@ class StudioCallbacks(Callbacks):
     def should_stop(self) -> bool:
         if not self.stop and time.monotonic() - self.last_poll >= STOP_POLL_SECONDS:
             self.last_poll = time.monotonic()
-            self.stop = Run.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
+            row = self.run.claimed().values("cancel_requested").first()
+            if row is None:
+                raise ClaimLost(f"run {self.run.pk} is no longer held by {self.run.worker}")
+            self.stop = row["cancel_requested"]
             if self.stop:
                 logger.info("cancel requested: stopping at step %d", self.last_step)
         return self.stop
+
+    def on_rewind(self, step: int, changes: dict) -> None:
+        """The trainer went back to `step` (out of memory): its later rows will come again."""
+        self.buffer = [entry for entry in self.buffer if entry[0] <= step]
+        self.flush()
+        forget_after(self.run, step)
+        self.last_step = step
+        if changes:
+            # Later attempts start with what fitted, not with what ran out of memory.
+            snapshot = {**self.run.config_snapshot, **changes}
+            self.run.claimed().update(config_snapshot=snapshot, current_step=step)
+            self.run.config_snapshot = snapshot
 
 
 def _aware(t: float):

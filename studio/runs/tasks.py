@@ -1,7 +1,10 @@
 """Celery tasks of the runs area.
 
-    runs.train              one run on one `gpu` worker (acks late, rejected when its worker dies)
-    runs.score_checkpoint   objective scores of a checkpoint (SECS, MCD, WER, RTF) on the `cpu` queue
+    runs.train              one run on one `gpu` worker (acks late, rejected when its worker dies);
+                            an acoustic model (training.trainer) or a vocoder fine-tune
+                            (training.vocoder), the same callbacks, checkpoints and resume for both
+    runs.score_checkpoint   objective scores of a checkpoint (SECS, MCD, WER, DNSMOS, RTF) on the
+                            `cpu` queue, made with STUDIO_EVAL_VOCODER and naming it
 
 A run survives its worker. The message is acknowledged only when the task returns, so a worker
 whose child is killed hands it back to the broker (task_reject_on_worker_lost); a worker that
@@ -34,6 +37,7 @@ from studio import live, workers
 from studio.celery import app
 from studio.models import SCORE_TASK, TRAIN_QUEUE, TRAIN_TASK, Checkpoint, Run
 from studio.runs.callbacks import (
+    ClaimLost,
     StudioCallbacks,
     backfill_metrics,
     forget_after,
@@ -42,6 +46,7 @@ from studio.runs.callbacks import (
 from training.checkpoint import step_checkpoints
 from training.config import UnsafeConfig, check_safe
 from training.trainer import Trainer
+from training.vocoder import VocoderConfig, VocoderTrainer
 
 logger = logging.getLogger("studio.training")
 
@@ -50,8 +55,9 @@ logger = logging.getLogger("studio.training")
 SOFT_TIME_LIMIT = 10 * 60
 
 
-def _beat(run_id: int, ident: str) -> None:
-    Run.objects.filter(pk=run_id, worker=ident).update(updated=timezone.now())
+def _beat(run: Run) -> None:
+    if not run.beat():
+        logger.warning("run %s: this worker no longer holds it; stopping at the next step", run.pk)
 
 
 @worker_ready.connect
@@ -104,7 +110,7 @@ def train(self, run_id: int) -> str:
         return how
     out_dir = Path(run.out_dir)
     publisher = live.Publisher(run.pk, rate=live.max_rate())
-    heartbeat = workers.Heartbeat(f"run-{run.pk}", partial(_beat, run.pk, ident))
+    heartbeat = workers.Heartbeat(f"run-{run.pk}", partial(_beat, run))
     with workers.RunLog(out_dir):
         publisher.status(run)
         heartbeat.start()
@@ -125,15 +131,16 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
     started = run.event("status", f"attempt {run.attempts} started on {ident}", run.current_step)
     publisher.add(events=[live.event_dict(started)])
     try:
-        check_safe(run.config_snapshot)
+        check_config(run)
     except UnsafeConfig as exc:
         return _fail(run, f"The config is outside the safe ranges: {exc}", publisher)
+    except (TypeError, ValueError) as exc:
+        return _fail(run, f"The config is not valid: {exc}", publisher)
     if not run.dataset.is_ready:
         message = (
             f"Dataset “{run.dataset}” is not ready for training (status {run.dataset.status})."
         )
         return _fail(run, message, publisher)
-    cfg = run.train_config()
     if not step_checkpoints(out_dir) and run.resume_from_id:
         if not Path(run.resume_from.path).is_file():
             return _fail(
@@ -145,9 +152,8 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
     known = set(run.events.filter(kind="diagnosis").values_list("data__code", flat=True))
     callbacks = StudioCallbacks(run, publisher, known_diagnoses=known)
     try:
-        trainer = Trainer(
-            cfg, run.dataset.cache_dir, out_dir, callbacks, resume=resume, init_from=init_from
-        )
+        trainer = build_trainer(run, callbacks, resume, init_from)
+        cfg = trainer.cfg
         if resume:
             logger.info("resuming from step %d", trainer.step)
             forget_after(run, trainer.step)
@@ -160,9 +166,10 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
         run.current_step, run.total_steps = trainer.step, cfg.steps
         callbacks.last_step = trainer.step
         logger.info(
-            "model %s, %d parameters, device %s, %d train / %d val utterances",
-            cfg.size,
-            trainer.param_count,
+            "%s, %d parameters, device %s, %d train / %d val utterances",
+            f"model {cfg.size}" if run.kind == Run.Kind.ACOUSTIC else "vocoder (HiFi-GAN)",
+            getattr(trainer, "param_count", None)
+            or sum(p.numel() for p in trainer.generator.parameters()),
             trainer.device,
             len(trainer.train_set),
             len(trainer.val_set),
@@ -172,6 +179,10 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
             logger.warning(w)
         result = trainer.run()
         callbacks.flush()
+    except ClaimLost as exc:
+        # Another attempt owns the run now: leave every row to it.
+        logger.warning("run %s: stopped, %s", run.pk, exc)
+        return "claim lost"
     except Exception as exc:
         try:
             callbacks.flush()  # keep what was learned before the failure
@@ -184,23 +195,84 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
     run.current_step = result.step
     if result.best_val_loss is not None and math.isfinite(result.best_val_loss):
         run.best_val_loss = result.best_val_loss
-    run.save(update_fields=["current_step", "best_val_loss", "updated"])
-    if result.status == "finished":
-        run.mark_finished(Run.Status.SUCCEEDED)
+    finished = result.status == "finished"
+    run.claimed().update(current_step=run.current_step, best_val_loss=run.best_val_loss)
+    if not run.finish_claimed(Run.Status.SUCCEEDED if finished else Run.Status.CANCELLED):
+        logger.warning("run %s: another attempt holds it now; leaving its status alone", run.pk)
+        return "claim lost"
+    if finished:
         done = run.event("status", f"finished at step {result.step}", result.step)
         # Scores on a cpu worker; a broker hiccup there is logged, and the run stays succeeded.
-        transaction.on_commit(partial(score_best_checkpoint, run.pk), robust=True)
+        # (Scores are of acoustic checkpoints: SECS, MCD and WER need a model that reads text.)
+        if run.kind == Run.Kind.ACOUSTIC:
+            transaction.on_commit(partial(score_best_checkpoint, run.pk), robust=True)
     else:
-        run.mark_finished(Run.Status.CANCELLED)
         done = run.event("status", f"cancelled at step {result.step}", result.step)
     publisher.add(events=[live.event_dict(done)])
     logger.info("run %s %s at step %d", run.pk, run.status, result.step)
     return run.status
 
 
+def check_config(run: Run) -> None:
+    """The worker's own check of the stored config: the safe ranges for an acoustic run,
+    VocoderConfig's for a vocoder run (TypeError/ValueError naming the field)."""
+    if run.kind == Run.Kind.VOCODER:
+        VocoderConfig(**run.config_snapshot).check()
+    else:
+        check_safe(run.config_snapshot)
+
+
+def build_trainer(run: Run, callbacks: StudioCallbacks, resume: bool, init_from: str | None):
+    """The trainer of the run's kind, on the dataset's cache, in the run's folder."""
+    cache_dir, out_dir = run.dataset.cache_dir, Path(run.out_dir)
+    if run.kind == Run.Kind.VOCODER:
+        values = dict(run.config_snapshot)
+        if init_from:
+            values["init"] = init_from  # fine-tune a vocoder checkpoint instead of universal
+        if run.acoustic_checkpoint_id:
+            values["acoustic_checkpoint"] = run.acoustic_checkpoint.path
+        # The feature cache keeps features, not audio: the trainer reads the recordings again.
+        audio_files = dict(
+            run.dataset.utterances.filter(usable=True)
+            .exclude(audio_path="")
+            .values_list("item_id", "audio_path")
+        )
+        return VocoderTrainer(
+            VocoderConfig(**values), cache_dir, out_dir, callbacks, resume, audio_files
+        )
+    cfg = run.train_config()
+    vocoder = eval_vocoder(run, cfg.device)
+    return Trainer(
+        cfg, cache_dir, out_dir, callbacks, resume=resume, init_from=init_from, vocoder=vocoder
+    )
+
+
+def eval_vocoder(run: Run, device: str):
+    """The vocoder of eval samples (STUDIO_EVAL_VOCODER); Griffin-Lim, with a warning on the
+    run, when that one cannot be loaded: eval audio is never worth failing a run for."""
+    from studio.synthesis.vocoders import eval_name
+    from synthesis.vocoders import GRIFFIN_LIM, VocoderError, load_vocoder
+    from training.data import read_meta
+    from training.device import select_device
+
+    name = eval_name()
+    if name == GRIFFIN_LIM:
+        return None  # the trainer's own
+    try:
+        audio = read_meta(run.dataset.cache_dir)["audio"]
+        vocoder = load_vocoder(name, audio, select_device(device))
+    except (VocoderError, OSError, KeyError) as exc:
+        run.event("warning", f"eval samples use Griffin-Lim: the vocoder {name} failed ({exc})")
+        return None
+    logger.info("eval samples are vocoded with %s", vocoder.label)
+    return vocoder
+
+
 def _fail(run: Run, message: str, publisher: live.Publisher) -> str:
     logger.error("run %s failed: %s", run.pk, message)
-    run.mark_finished(Run.Status.FAILED, message)
+    if not run.finish_claimed(Run.Status.FAILED, message):
+        logger.warning("run %s: another attempt holds it now; not marking it failed", run.pk)
+        return "claim lost"
     failed = run.event("status", f"failed: {message}", run.current_step)
     publisher.add(events=[live.event_dict(failed)])
     return Run.Status.FAILED
@@ -245,9 +317,15 @@ def evaluate(ckpt: Checkpoint, n: int) -> dict:
     """synthesis.evaluate on one torch thread (restored after: the process may train next)."""
     import torch
 
+    from studio.synthesis.vocoders import eval_name
     from synthesis.engine import configure_cpu_threads
     from synthesis.evaluate import evaluate_checkpoint
 
+    if ckpt.run.kind == Run.Kind.VOCODER:
+        raise ValueError(
+            "scores are made for voices (acoustic checkpoints); a vocoder is judged by its "
+            "validation mel loss and eval audio, and in use on the synthesis page"
+        )
     path = Path(ckpt.path)
     if not path.is_file():
         raise FileNotFoundError(f"the checkpoint file {path} is missing")
@@ -259,7 +337,8 @@ def evaluate(ckpt: Checkpoint, n: int) -> dict:
     threads = torch.get_num_threads()
     configure_cpu_threads(settings.STUDIO_SYNTH_THREADS)
     try:
-        return evaluate_checkpoint(path, cache_dir, n, "cpu")
+        # The scores name their vocoder ("vocoder") and carry DNSMOS OVRL beside SECS/MCD/WER.
+        return evaluate_checkpoint(path, cache_dir, n, "cpu", vocoder=eval_name())
     finally:
         torch.set_num_threads(threads)
 
