@@ -602,11 +602,21 @@ class Run(Owned):
         Run.objects.filter(pk=self.pk).update(celery_task_id=task_id)
         self.celery_task_id = task_id
         pk = self.pk
-        transaction.on_commit(
-            lambda: current_app.send_task(
-                TRAIN_TASK, args=(pk,), queue=TRAIN_QUEUE, task_id=task_id
-            )
-        )
+
+        def send() -> None:
+            try:
+                current_app.send_task(TRAIN_TASK, args=(pk,), queue=TRAIN_QUEUE, task_id=task_id)
+            except Exception as exc:  # kombu/redis raise many kinds; all mean "not queued"
+                # Never left QUEUED with no message behind it: interrupted can be resumed.
+                reason = (
+                    f"could not reach the task queue ({type(exc).__name__}: {exc}); "
+                    "press Resume when the queue is back"
+                )
+                Run.objects.filter(pk=pk, status=Run.Status.QUEUED).update(
+                    status=Run.Status.INTERRUPTED, error=reason, updated=timezone.now()
+                )
+
+        transaction.on_commit(send)
 
     def requeue(self, by: str, steps: int | None = None) -> bool:
         """Queue a stopped run again to resume from its last checkpoint, optionally training it

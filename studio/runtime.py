@@ -100,8 +100,12 @@ def redis_command(data_dir: Path) -> list[str]:
         "redis.rdb",
         "--save",
         "60 1",
+        # Every queued task is on disk within a second: a crash of the embedded Redis loses
+        # no run or import that was waiting in the queue.
         "--appendonly",
-        "no",
+        "yes",
+        "--appendfsync",
+        "everysec",
     ]
 
 

@@ -51,6 +51,9 @@ class ReferenceClip:
     channels: int
     duration_s: float  # before trimming
     speech_s: float  # after trimming
+    # The decoded clip as it came (mono, its own rate): what embed_clip embeds, through the
+    # same trim and loudness normalisation as every training clip.
+    source: np.ndarray | None = None
 
 
 def decode(source: AudioSource) -> tuple[np.ndarray, int, int]:
@@ -160,14 +163,16 @@ def load_reference(source: AudioSource) -> ReferenceClip:
         channels=channels,
         duration_s=len(wav) / sr,
         speech_s=speech_s,
+        source=wav.astype(np.float32),
     )
 
 
 def embed_clip(clip: ReferenceClip) -> np.ndarray:
-    from training.speaker_embedding import encoder
+    from training.speaker_embedding import embed_speech, embed_wav
 
-    emb = encoder().embed_utterance(clip.wav)
-    return np.asarray(emb, dtype=np.float32)
+    if clip.source is None:  # a clip made elsewhere, already at the encoder's rate
+        return embed_wav(clip.wav, ENCODER_SAMPLE_RATE)
+    return embed_speech(clip.source, clip.original_sample_rate)
 
 
 def embed_references(sources: AudioSource | Sequence[AudioSource]) -> np.ndarray:

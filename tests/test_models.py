@@ -100,3 +100,83 @@ def test_latest_checkpoint_and_label(user):
     Checkpoint.objects.create(run=run, step=200, path="/b")
     assert run.latest_checkpoint().step == 200
     assert "val 1.250" in Checkpoint.objects.get(step=100).label
+
+
+# --------------------------------------------------------------------------- claims (issue 13)
+
+HOST = "box"
+
+
+def claimed_run(owner, pid=None):
+    import os
+
+    run = make_run(owner)
+    found, how = Run.claim(run.pk, f"gpu@{HOST}:{pid or os.getpid()}", HOST)
+    assert found is not None and how == "start"
+    return found
+
+
+def test_a_live_pid_with_a_stale_heartbeat_counts_as_gone(user, settings):
+    """After a container restart the pid is commonly reused: the heartbeat decides too."""
+    from datetime import timedelta
+
+    from django.db.models.functions import Now
+
+    run = claimed_run(user)  # this test process's pid: alive
+    assert not run.owner_gone(HOST)
+    stale = settings.STUDIO_RUN_STALE_SECONDS + 60
+    Run.objects.filter(pk=run.pk).update(heartbeat=Now() - timedelta(seconds=stale))
+    assert run.owner_gone(HOST)
+    assert run.beat()  # the owner beats again: alive
+    assert not run.owner_gone(HOST)
+
+
+def test_writes_of_an_attempt_that_lost_its_claim_are_refused(user):
+    from studio.runs.callbacks import ClaimLost, StudioCallbacks
+
+    run = claimed_run(user)
+    # Declared dead while it was only slow: another worker took the run over.
+    taken = Run.objects.get(pk=run.pk)
+    taken.mark_running("gpu@other:4242")
+    callbacks = StudioCallbacks(run, publisher=None)
+    callbacks.buffer.append((7, {"loss/total": 1.0}, 0.0))
+    with pytest.raises(ClaimLost):
+        callbacks.flush()
+    with pytest.raises(ClaimLost):
+        callbacks.should_stop()
+    assert not MetricPoint.objects.filter(run=run).exists()
+    assert not run.beat() and not run.finish_claimed(Run.Status.SUCCEEDED)
+    assert Run.objects.get(pk=run.pk).status == Run.Status.RUNNING  # the new owner's
+
+
+def test_automatic_attempts_are_capped_and_a_resume_by_a_person_resets_them(user, settings):
+    settings.STUDIO_MAX_ATTEMPTS = 3
+    run = make_run(user)
+    for attempt in range(1, 4):
+        Run.objects.filter(pk=run.pk).update(status=Run.Status.INTERRUPTED)
+        found, how = Run.claim(run.pk, f"gpu@{HOST}:{attempt}", HOST)
+        if attempt < 3:
+            assert found is not None, how
+    assert found is None and how.startswith("failed: gave up after 3 attempts")
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED and "lower the batch size" in run.error
+    assert run.requeue(by="user")
+    run.refresh_from_db()
+    assert run.retries == 0 and run.status == Run.Status.QUEUED
+
+
+def test_a_failed_enqueue_leaves_the_run_resumable_with_the_reason(
+    user, monkeypatch, django_capture_on_commit_callbacks
+):
+    from celery import current_app
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(current_app, "send_task", broker_down)
+    run = make_run(user)
+    with django_capture_on_commit_callbacks(execute=True):
+        run.enqueue()
+    run.refresh_from_db()
+    assert run.status == Run.Status.INTERRUPTED and run.can_resume
+    assert "could not reach the task queue" in run.error and "Resume" in run.error

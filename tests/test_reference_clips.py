@@ -180,3 +180,17 @@ def test_a_long_clip_is_refused_from_its_header_before_decoding(monkeypatch):
     with pytest.raises(speaker.ReferenceAudioError) as refused:
         speaker.decode(buffer.getvalue())
     assert refused.value.code == "too_long" and "600.0 s" in str(refused.value)
+
+
+def test_a_reference_is_embedded_as_its_clip_would_be_in_training(speech):
+    """One embedding path: the clip's level no longer moves the voice, and a reference gives
+    the embedding preprocessing gives the same recording."""
+    from training import audio as A
+    from training.speaker_embedding import embed_wav
+
+    wav, sr = speech
+    quiet = speaker.embed_references(wav_bytes(0.05 * wav, sr))
+    loud = speaker.embed_references(wav_bytes(0.9 * wav, sr))
+    assert secs(quiet, loud) > 0.999
+    trained = embed_wav(A.normalise_loudness(A.trim_silence(torch.from_numpy(wav), sr)), sr)
+    assert secs(loud, trained) > 0.999

@@ -262,6 +262,8 @@ def _process_item(job: _Job) -> dict:
     with torch.inference_mode():
         mel, en = A.mel_and_energy(wav, cfg)
         f0 = A.pitch(wav, cfg.sample_rate, cfg.hop_length)
+        # The wav is already trimmed and normalised: embed_speech's steps, done once here
+        # because the mel, pitch and energy need them too.
         spk = embed_wav(wav, cfg.sample_rate, device=_WORKER["device"])
     feats = {
         "mel": mel.to(torch.float16),

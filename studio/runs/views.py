@@ -45,7 +45,11 @@ def run_new(request):
         run.enqueue()
         for w in form.warnings:
             messages.warning(request, w)
-        messages.success(request, f"{run} is queued.")
+        run.refresh_from_db(fields=["status", "error"])
+        if run.status == Run.Status.INTERRUPTED:
+            messages.error(request, f"{run} was saved but not queued: {run.error}")
+        else:
+            messages.success(request, f"{run} is queued.")
         return redirect(run)
     ready = form.fields["dataset"].queryset.exists()
     return render(
