@@ -198,6 +198,8 @@ STUDIO_RUN_STALE_SECONDS = env_float("STUDIO_RUN_STALE_SECONDS", 300)
 # Automatic attempts (worker lost, task redelivered) before a run or a dataset task fails
 # with the reason instead of blocking its queue forever.
 STUDIO_MAX_ATTEMPTS = env_int("STUDIO_MAX_ATTEMPTS", 3)
+# Syntheses one user may have in flight in one web process (the rest get 429).
+STUDIO_SYNTH_PER_USER = env_int("STUDIO_SYNTH_PER_USER", 2)
 # Live messages per second per run page (see studio.live.max_rate for why 12.5).
 STUDIO_LIVE_MAX_RATE = env_float("STUDIO_LIVE_MAX_RATE", 12.5)
 # Held-out utterances a checkpoint is scored on: seconds of CPU, enough to rank checkpoints.

@@ -174,6 +174,24 @@ def test_text_length_limit(client_user, ckpt, settings):
     assert response.status_code == 400 and "limit is 40" in response.json()["error"]
 
 
+def test_text_limit_counts_numbers_spelled_out(client_user, ckpt, settings):
+    settings.STUDIO_MAX_SYNTH_CHARS = 40
+    response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "9" * 30})
+    assert response.status_code == 400
+    assert "Spelled out" in response.json()["error"] and "limit is 40" in response.json()["error"]
+
+
+def test_one_user_cannot_take_every_synthesis_slot(client_user, user, ckpt, settings):
+    from studio.synthesis import views
+
+    settings.STUDIO_SYNTH_PER_USER = 1
+    with views._user_slot(user.pk) as free:  # a synthesis of this user already in flight
+        assert free
+        response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello"})
+        assert response.status_code == 429 and "already have 1" in response.json()["error"]
+    assert client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hello"}).status_code == 200
+
+
 def test_a_reference_clip_sets_the_voice(client_user, ckpt):
     response = client_user.post(
         URL, {"checkpoint": ckpt.pk, "text": "hello", "reference": speech_file()}

@@ -51,6 +51,17 @@ class SynthesizeForm(forms.Form):
         limit = settings.STUDIO_MAX_SYNTH_CHARS
         if text and len(text) > limit:
             self.add_error("text", f"The text is {len(text)} characters; the limit is {limit}.")
+        elif text:
+            from training.text import normalize
+
+            # Numbers are spelled out before speaking: "9" * 2000 would be far longer.
+            spoken = len(normalize(text, data.get("language") or "en"))
+            if spoken > limit:
+                self.add_error(
+                    "text",
+                    f"Spelled out (numbers as words) the text is {spoken} characters; the "
+                    f"limit is {limit}.",
+                )
         return data
 
     def first_error(self) -> str:

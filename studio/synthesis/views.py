@@ -14,6 +14,8 @@ Every user mistake is a 4xx with {"error": "..."}; a 500 here is a bug.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import json
 import threading
@@ -40,6 +42,29 @@ TOKEN_SALT = "studio.api.token"
 def _synth_slots() -> threading.BoundedSemaphore:
     # Synthesis is CPU-heavy; more at once in one web process only makes every request slower.
     return threading.BoundedSemaphore(settings.STUDIO_SYNTH_CONCURRENCY)
+
+
+# Syntheses in flight per user in this web process: one user cannot take every slot.
+_per_user: collections.Counter = collections.Counter()
+_per_user_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _user_slot(user_id: int):
+    with _per_user_lock:
+        taken = _per_user[user_id] < settings.STUDIO_SYNTH_PER_USER
+        if taken:
+            _per_user[user_id] += 1
+    if not taken:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with _per_user_lock:
+            _per_user[user_id] -= 1
+            if not _per_user[user_id]:
+                del _per_user[user_id]
 
 
 @functools.cache
@@ -206,18 +231,25 @@ async def synthesize(request):
     from training.checkpoint import CheckpointError
 
     try:
-        out = await asyncio.to_thread(
-            _synthesize,
-            path,
-            data["text"],
-            references,
-            data["speaker"] or None,
-            data["language"] or None,
-            data["speed"],
-            data["pitch"],
-            data["energy"],
-            vocoder,
-        )
+        with _user_slot(user.pk) as free:
+            if not free:
+                return error(
+                    429,
+                    f"You already have {settings.STUDIO_SYNTH_PER_USER} syntheses running; "
+                    "try again when one has finished.",
+                )
+            out = await asyncio.to_thread(
+                _synthesize,
+                path,
+                data["text"],
+                references,
+                data["speaker"] or None,
+                data["language"] or None,
+                data["speed"],
+                data["pitch"],
+                data["energy"],
+                vocoder,
+            )
     except ReferenceAudioError as exc:
         return error(400, str(exc))
     except VocoderError as exc:
