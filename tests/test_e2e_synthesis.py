@@ -43,7 +43,9 @@ def test_speak_through_hifigan_and_hear_it(voices, live_studio, browser):  # noq
     options.first.click()
 
     # Four sentences: an untrained model says little, the pauses make it long enough for DNSMOS.
-    page.get_by_label("Text").fill("Hello there. How are you today? Fine, thanks. See you soon.")
+    page.get_by_label("Text").fill(
+        "Hello there. How are you today? Fine, thanks. See you soon.", timeout=90_000
+    )
     page.wait_for_function(
         "() => [...document.querySelectorAll('input')].some(i => i.value === 'narrator')",
         timeout=30_000,
