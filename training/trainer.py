@@ -237,11 +237,7 @@ class Trainer:
         self.model.set_feature_stats(self.meta["stats"])
         self.param_count = count_parameters(self.model)
         self.loss_fn = TTSLoss.from_config(cfg.loss)
-        self.guard = StepGuard(
-            spike_threshold=cfg.loss.max_loss_spike_threshold,
-            max_consecutive_skips=cfg.max_consecutive_skips,
-            smoothing=cfg.loss.loss_smoothing_factor,
-        )
+        self.guard = self._new_guard()
         self.optimizer = self._optimizer()
         self.schedule = LRSchedule(cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps)
         self.plateau = (
@@ -271,6 +267,14 @@ class Trainer:
         )  # the checkpoint always saves self.model, the uncompiled module
 
     # ------------------------------------------------------------------ setup
+
+    def _new_guard(self) -> StepGuard:
+        cfg = self.cfg
+        return StepGuard(
+            spike_threshold=cfg.loss.max_loss_spike_threshold,
+            max_consecutive_skips=cfg.max_consecutive_skips,
+            smoothing=cfg.loss.loss_smoothing_factor,
+        )
 
     def _batching(self) -> None:
         """Batches of cfg.batch_size; rebuilt when a recovery from out-of-memory halves it."""
@@ -586,11 +590,7 @@ class Trainer:
         self.model.load_state_dict(self.start_state["model"])
         self.optimizer.load_state_dict(self.start_state["optimizer"])
         self.loss_fn.load_state_dict(self.start_state["loss_state"])
-        self.guard = StepGuard(
-            spike_threshold=cfg.loss.max_loss_spike_threshold,
-            max_consecutive_skips=cfg.max_consecutive_skips,
-            smoothing=cfg.loss.loss_smoothing_factor,
-        )
+        self.guard = self._new_guard()
         self.schedule = LRSchedule(cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps)
         self.step, self.epoch, self.batch_in_epoch = self.start_state["step"], 0, 0
         self.last_eval_step = self.last_saved_step = -1
