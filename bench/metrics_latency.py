@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     from django.test import Client
 
     from studio.models import Dataset, TrainingConfig
-    from studio.runtime import web_command
+    from studio.runtime import start_web
 
     call_command("migrate", verbosity=0)
     owner = get_user_model().objects.create_user("bench", password="bench-pass-123")
@@ -308,23 +308,12 @@ def main(argv=None) -> int:
     cookie = f"sessionid={web.cookies['sessionid'].value}"
 
     port = free_port()
-    daphne = subprocess.Popen(
-        web_command("127.0.0.1", port),
-        cwd=ROOT,
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    try:
+        server = start_web(port)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or daphne.poll() is not None:
-                raise SystemExit("the web server did not start")
-            time.sleep(0.2)
         results = []
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             result = asyncio.run(one_mode(mode, args, base, cookie, owner, dataset, config))
@@ -348,8 +337,8 @@ def main(argv=None) -> int:
             flush=True,
         )
     finally:
-        daphne.terminate()
-        daphne.wait(10)
+        server.terminate()
+        server.wait(10)
         if redis_proc is not None:
             redis_proc.terminate()
     return 0

@@ -19,7 +19,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     from django.core.management import call_command
     from django.test import Client
 
-    from studio.runtime import web_command
+    from studio.runtime import start_web
 
     call_command("migrate", verbosity=0)
     owner = get_user_model().objects.create_user("bench", password="bench-pass-123")
@@ -89,23 +88,15 @@ def main(argv=None) -> int:
     csrf = "b" * 32
 
     port = free_port()
-    if args.server == "uvicorn":
-        command = web_command("127.0.0.1", port)
-    else:
+    command = None  # uvicorn, as `make run` serves
+    if args.server == "daphne":
         command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
         command.append("studio.asgi:application")
-    server = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the web server did not start")
-            time.sleep(0.2)
+        server = start_web(port, command=command, timeout=120)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
         # one page first, so start-up allocations are not counted as the upload's
         send(port, b"GET /accounts/login/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 0)
 

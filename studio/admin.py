@@ -1,6 +1,8 @@
 from django.contrib import admin
 
 from studio.models import (
+    SCHEDULE_FIELDS,
+    WEIGHT_FIELDS,
     AudioSample,
     Checkpoint,
     Dataset,
@@ -71,34 +73,11 @@ class TrainingConfigAdmin(admin.ModelAdmin):
         (None, {"fields": ["owner", "name", "description", "model_size", "optimization_level"]}),
         (
             "Schedule",
-            {
-                "fields": [
-                    "batch_size",
-                    "steps",
-                    "learning_rate",
-                    "lr_warmup_steps",
-                    "grad_clip_norm",
-                    "grad_accum_steps",
-                    "eval_every",
-                    "checkpoint_every",
-                    "seed",
-                ]
-            },
+            {"fields": SCHEDULE_FIELDS},
         ),
         (
             "Loss weights (safe ranges enforced)",
-            {
-                "fields": [
-                    "use_adaptive_weights",
-                    "mel_loss_weight",
-                    "kl_loss_weight",
-                    "duration_loss_weight",
-                    "pitch_loss_weight",
-                    "energy_loss_weight",
-                    "align_loss_weight",
-                    "bin_loss_weight",
-                ]
-            },
+            {"fields": ["use_adaptive_weights", *WEIGHT_FIELDS]},
         ),
         ("Advanced", {"fields": ["extra"], "classes": ["collapse"]}),
     ]

@@ -243,8 +243,8 @@ def _safe_help(name: str, text: str = "") -> str:
     return f"{text} {range_text(name).capitalize()}: {SAFE_RANGE_REASONS.get(name, '')}".strip()
 
 
-# TrainingConfig columns that map one-to-one onto TrainConfig.flat() names.
-CONFIG_COLUMNS = {
+# The schedule columns, in the order the form and the admin show them.
+SCHEDULE_FIELDS = [
     "batch_size",
     "steps",
     "learning_rate",
@@ -254,10 +254,10 @@ CONFIG_COLUMNS = {
     "eval_every",
     "checkpoint_every",
     "seed",
-    "use_adaptive_weights",
-    "optimization_level",
-    *WEIGHT_FIELDS,
-}
+]
+
+# TrainingConfig columns that map one-to-one onto TrainConfig.flat() names.
+CONFIG_COLUMNS = {*SCHEDULE_FIELDS, "use_adaptive_weights", "optimization_level", *WEIGHT_FIELDS}
 
 
 class TrainingConfigQuerySet(OwnedQuerySet):

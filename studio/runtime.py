@@ -172,6 +172,43 @@ def web_command(host: str, port: int | str, python: str | None = None) -> list[s
     ]
 
 
+def start_web(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    command: list[str] | None = None,
+    env: dict | None = None,
+    log=None,
+    timeout: float = 60,
+):
+    """Start the web process (`web_command` unless `command` is given) and return it once it
+    listens; benches and browser tests start it this way so they serve exactly what `make run`
+    serves. Raises RuntimeError with the end of `log` when it exits or does not listen in time.
+    """
+    import subprocess
+
+    proc = subprocess.Popen(
+        command or web_command(host, port),
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env if env is not None else dict(os.environ),
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = ""
+            if log is not None and getattr(log, "name", None):
+                tail = Path(log.name).read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the web server did not listen on {host}:{port}\n{tail}")
+        time.sleep(0.2)
+
+
 def procfile_lines(host: str, port: int, embedded_redis: list[str] | None) -> list[str]:
     py = shlex.quote(sys.executable)
     lines = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.runtime import web_command
+from studio.runtime import start_web
 from tests.conftest import ROOT, wait_until
 from tests.fixtures_runs import ready_dataset
 
@@ -60,22 +60,7 @@ def live_studio(django_db_blocker):
     )
     port = free_port()
     log = open(Path(settings.DATA_DIR) / f"web-{port}.log", "wb")
-    proc = subprocess.Popen(
-        web_command("127.0.0.1", port),
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-    def listening():
-        if proc.poll() is not None:
-            raise RuntimeError(Path(log.name).read_text(errors="replace")[-3000:])
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, 60, message="the web server to listen")
+    proc = start_web(port, env=env, log=log)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     try:

@@ -3,7 +3,7 @@ training.config.SAFE_RANGES, the one table the worker checks too."""
 
 from django import forms
 
-from studio.models import WEIGHT_FIELDS, TrainingConfig
+from studio.models import SCHEDULE_FIELDS, WEIGHT_FIELDS, TrainingConfig
 
 
 class TrainingConfigForm(forms.ModelForm):
@@ -14,15 +14,7 @@ class TrainingConfigForm(forms.ModelForm):
             "description",
             "model_size",
             "optimization_level",
-            "batch_size",
-            "steps",
-            "learning_rate",
-            "lr_warmup_steps",
-            "grad_clip_norm",
-            "grad_accum_steps",
-            "eval_every",
-            "checkpoint_every",
-            "seed",
+            *SCHEDULE_FIELDS,
             "use_adaptive_weights",
             *WEIGHT_FIELDS,
         ]
