@@ -15,6 +15,8 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import connections
+from django.db.models import QuerySet
+from django.db.models.functions import Now
 
 logger = logging.getLogger("studio.workers")
 
@@ -47,19 +49,38 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def owner_gone(worker: str, heartbeat_age: float, host: str) -> bool:
+def owner_gone(
+    worker: str, heartbeat_age: float, host: str, stale_seconds: float | None = None
+) -> bool:
     """Is the process `worker` (a worker_ident) certainly gone, its heartbeat this old (s)?
 
-    A heartbeat older than STUDIO_RUN_STALE_SECONDS means gone anywhere. On this machine a
-    dead pid says so at once; a live one does not prove the owner lives, because after a
-    container restart the pid is commonly reused by an unrelated process.
+    A heartbeat older than `stale_seconds` (STUDIO_RUN_STALE_SECONDS unless the job's kind has
+    its own) means gone anywhere. On this machine a dead pid says so at once; a live one does
+    not prove the owner lives, because after a container restart the pid is commonly reused by
+    an unrelated process.
     """
-    if heartbeat_age > settings.STUDIO_RUN_STALE_SECONDS:
+    if stale_seconds is None:
+        stale_seconds = settings.STUDIO_RUN_STALE_SECONDS
+    if heartbeat_age > stale_seconds:
         return True
     nodename, _, pid = worker.rpartition(":")
     if nodename and pid.isdigit() and host_of(nodename) == host:
         return not pid_alive(int(pid))
     return False
+
+
+def heartbeat_age(row: QuerySet, fallback: str = "updated") -> float | None:
+    """Seconds since the `heartbeat` of the one row in `row`, both ends read from the database's
+    clock, so a web machine and a worker whose clocks disagree still agree on the age.
+
+    A row that never had a heartbeat (written before heartbeats were kept) is as old as its
+    `fallback` time column; None when the row is gone.
+    """
+    found = row.annotate(db_now=Now()).values("db_now", "heartbeat", fallback).first()
+    if not found:
+        return None
+    since = found["heartbeat"] or found[fallback]
+    return (found["db_now"] - since).total_seconds()
 
 
 class RunLog:

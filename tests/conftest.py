@@ -113,14 +113,21 @@ class CeleryWorker:
     """A `celery worker` subprocess on the test database and the test Redis."""
 
     def __init__(
-        self, queues: str = "gpu,cpu", name: str | None = None, log_dir: Path | None = None
+        self,
+        queues: str = "gpu,cpu",
+        name: str | None = None,
+        log_dir: Path | None = None,
+        app: str = "studio",
+        env: dict[str, str] | None = None,
     ):
         from django.conf import settings
         from django.db import connection
 
         self.name = name or f"test-{uuid.uuid4().hex[:8]}"
         self.log_path = Path(log_dir or settings.DATA_DIR) / f"worker-{self.name}.log"
-        env = dict(os.environ)
+        # `app`: another Celery app module (tests/chaos_app.py injects faults into the trainer
+        # before the pool forks); `env`: settings of this worker alone (a private Redis).
+        env = dict(os.environ, **(env or {}))
         env["STUDIO_TEST_DB_NAME"] = str(connection.settings_dict["NAME"])
         env["PYTHONUNBUFFERED"] = "1"
         self._log = open(self.log_path, "wb")
@@ -130,7 +137,7 @@ class CeleryWorker:
                 "-m",
                 "celery",
                 "-A",
-                "studio",
+                app,
                 "worker",
                 "-Q",
                 queues,
@@ -203,9 +210,14 @@ def start_worker(celery_broker_clean, django_db_blocker):
     """Factory: start_worker(queues="gpu,cpu") -> a ready CeleryWorker; all are stopped after the test."""
     workers: list[CeleryWorker] = []
 
-    def start(queues: str = "gpu,cpu", name: str | None = None) -> CeleryWorker:
+    def start(
+        queues: str = "gpu,cpu",
+        name: str | None = None,
+        app: str = "studio",
+        env: dict[str, str] | None = None,
+    ) -> CeleryWorker:
         with django_db_blocker.unblock():
-            worker = CeleryWorker(queues=queues, name=name)
+            worker = CeleryWorker(queues=queues, name=name, app=app, env=env)
         workers.append(worker)
         return worker.wait_ready()
 

@@ -4,6 +4,10 @@ through a real worker and real Redis (marked integration)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import wait_until
+from django.db.models.functions import Now
 from django.utils import timezone
 from test_corpus import SR, speechlike, write_audio
 
@@ -55,6 +60,13 @@ def folder_dataset(owner, folder: Path, **fields) -> Dataset:
         source_path=str(folder),
         **fields,
     )
+
+
+def dead_worker() -> str:
+    """The ident of a worker process on this machine that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return f"celery@{socket.gethostname()}:{child.pid}"
 
 
 def problems_of(dataset: Dataset) -> dict[str, list[str]]:
@@ -145,7 +157,9 @@ def test_import_resumes_without_duplicates(user, media, tmp_path):
     first = dict(dataset.utterances.values_list("item_id", "pk"))
     # A worker died half way: some rows written, status still "importing".
     dataset.utterances.filter(item_id__startswith="ben").delete()
-    Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.Status.IMPORTING)
+    Dataset.objects.filter(pk=dataset.pk).update(
+        status=Dataset.Status.IMPORTING, worker=dead_worker()
+    )
     dataset = importing.import_dataset(dataset.pk)
     assert dataset.status == Dataset.Status.IMPORTED and dataset.n_utterances == 6
     again = dict(dataset.utterances.values_list("item_id", "pk"))
@@ -189,6 +203,112 @@ def test_stale_busy_datasets_are_queued_again(user, media, django_capture_on_com
     assert tasks.is_stale(dead) is False  # claimed: a second worker starting now skips it
     assert tasks.resume_stale() == []
     assert tasks.is_stale(alive) is False
+
+
+# --------------------------------------------------------------------------- claims and heartbeats
+
+
+def hold(dataset: Dataset, status: str, worker: str, seconds_ago: float = 0.0) -> None:
+    """The dataset as a worker left it: `status`, held by `worker`, whose last heartbeat was
+    `seconds_ago` by the database's clock."""
+    Dataset.objects.filter(pk=dataset.pk).update(
+        status=status, worker=worker, attempts=1, heartbeat=Now() - timedelta(seconds=seconds_ago)
+    )
+    dataset.refresh_from_db()
+
+
+@pytest.mark.django_db
+def test_a_second_import_cannot_start_while_one_is_alive(user, media, tmp_path):
+    dataset = folder_dataset(user, make_corpus(tmp_path / "corpus"))
+    alive_here = f"celery@{socket.gethostname()}:{os.getpid()}"
+    for holder in (alive_here, "celery@elsewhere:4242"):
+        hold(dataset, Dataset.Status.IMPORTING, holder, seconds_ago=5)
+        assert tasks.import_dataset(dataset.pk, False) == "skipped"
+        row = Dataset.objects.get(pk=dataset.pk)
+        assert (row.status, row.worker, row.attempts) == ("importing", holder, 1)
+        assert not row.utterances.exists()
+    # Its worker gone (the pid on this machine has exited), the next task takes over.
+    hold(dataset, Dataset.Status.IMPORTING, dead_worker(), seconds_ago=5)
+    assert tasks.import_dataset(dataset.pk, False) == Dataset.Status.IMPORTED
+    row = Dataset.objects.get(pk=dataset.pk)
+    assert row.n_utterances == 6 and row.attempts == 2 and row.retries == 1
+
+
+@pytest.mark.django_db
+def test_retry_is_offered_only_when_stale_by_the_database_clock(
+    user, media, monkeypatch, django_capture_on_commit_callbacks
+):
+    dataset = Dataset.objects.create(owner=user, name="d")
+    hold(dataset, Dataset.Status.IMPORTING, "celery@elsewhere:4242", seconds_ago=10)
+    # This web machine's clock runs an hour ahead of the database's: no reason to retry.
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(hours=1))
+    assert not tasks.is_stale(dataset) and not tasks.can_retry(dataset)
+    with django_capture_on_commit_callbacks() as sent:
+        assert tasks.retry(dataset) == ""
+    assert not sent and Dataset.objects.get(pk=dataset.pk).status == "importing"
+    assert tasks.resume_stale() == []
+
+    stale = importing.stale_after().total_seconds() + 5
+    hold(dataset, Dataset.Status.IMPORTING, "celery@elsewhere:4242", seconds_ago=stale)
+    assert tasks.is_stale(dataset) and tasks.can_retry(dataset)
+    # On the worker's own machine a dead pid says so at once.
+    hold(dataset, Dataset.Status.PREPROCESSING, dead_worker(), seconds_ago=1)
+    assert tasks.is_stale(dataset)
+    with django_capture_on_commit_callbacks() as sent:
+        assert tasks.retry(dataset) == "preprocess"
+    assert len(sent) == 1
+    row = Dataset.objects.get(pk=dataset.pk)
+    assert row.status == "imported" and row.is_busy and not tasks.can_retry(row)
+
+
+@pytest.mark.django_db
+def test_a_step_whose_worker_keeps_dying_fails_with_the_reason(user, media, settings):
+    settings.STUDIO_MAX_ATTEMPTS = 3
+    dataset = Dataset.objects.create(owner=user, name="d")
+    hold(dataset, Dataset.Status.PREPROCESSING, dead_worker(), seconds_ago=1)
+    Dataset.objects.filter(pk=dataset.pk).update(retries=2, queued_at=Now())
+    assert tasks.preprocess_dataset(dataset.pk) == "skipped"
+    row = Dataset.objects.get(pk=dataset.pk)
+    assert row.status == Dataset.Status.FAILED and row.retries == 3
+    assert "Gave up after 3 attempts in a row at the preprocess step" in row.status_message
+    assert not row.is_busy and tasks.can_retry(row)
+
+
+@pytest.mark.django_db
+def test_an_attempt_that_lost_its_claim_writes_nothing(user, media, tmp_path):
+    dataset = folder_dataset(user, make_corpus(tmp_path / "corpus"))
+    host = socket.gethostname()
+    first, how = Dataset.claim(dataset.pk, "import", dead_worker(), host)
+    assert how == "start" and first.beat()
+    second, how = Dataset.claim(dataset.pk, "import", f"celery@{host}:{os.getpid()}", host)
+    assert how == "resume" and second.attempts == 2
+    # The first attempt was only slow: its heartbeat and progress no longer land anywhere.
+    assert not first.beat()
+    first.set_progress(0.9, 1.0, "Checking: 9 of 10 files")
+    assert importing._fail(first, "Import failed: late") == 0
+    row = Dataset.objects.get(pk=dataset.pk)
+    assert (row.status, row.worker, row.progress) == ("importing", second.worker, 0.0)
+    assert row.status_message == ""
+
+
+@pytest.mark.django_db
+def test_a_failed_enqueue_leaves_a_reason_and_a_retry(
+    user, media, monkeypatch, django_capture_on_commit_callbacks
+):
+    from kombu.exceptions import OperationalError
+
+    def refuse(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+
+    monkeypatch.setattr(tasks.import_dataset, "apply_async", refuse)
+    dataset = Dataset.objects.create(owner=user, name="d")
+    with django_capture_on_commit_callbacks(execute=True):
+        tasks.queue_import(dataset)
+    row = Dataset.objects.get(pk=dataset.pk)
+    assert row.status == Dataset.Status.FAILED and not row.is_busy
+    assert row.status_message.startswith("Could not reach the task queue (OperationalError")
+    assert tasks.can_retry(row)
 
 
 # --------------------------------------------------------------------------- preprocessing (service)

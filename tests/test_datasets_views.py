@@ -291,9 +291,11 @@ def test_problems_csv_lists_every_problem(client_user, imported):
     assert response["Content-Type"].startswith("text/csv")
     assert "attachment" in response["Content-Disposition"]
     rows = list(csv.reader(io.StringIO(response.content.decode())))
-    assert rows[0] == ["item_id", "speaker", "file", "code", "severity", "kept", "message"]
+    # verdict and reason: the quality gate's, filled for the clips it judged.
+    header = ["item_id", "speaker", "file", "code", "severity", "kept", "verdict", "reason"]
+    assert rows[0] == [*header, "message"]
     assert [r[3] for r in rows[1:]] == ["missing_file"]
-    assert rows[1][5] == "no" and "does not exist" in rows[1][6]
+    assert rows[1][5] == "no" and "does not exist" in rows[1][-1]
 
 
 def test_csv_cells_cannot_become_spreadsheet_formulas():
@@ -468,3 +470,23 @@ def test_a_registered_folder_swapped_for_a_link_out_fails_at_import(user, privat
     assert dataset.status == Dataset.Status.FAILED
     assert "outside the folders" in dataset.status_message
     assert not dataset.utterances.exists()
+
+
+def test_a_queued_dataset_reports_itself_busy(
+    client_user, private_media, django_capture_on_commit_callbacks
+):
+    """Between the upload and a worker taking the import, the page must keep polling."""
+    data = zip_folder(make_corpus(private_media / "voice"))
+    with django_capture_on_commit_callbacks(execute=False):
+        response = upload(client_user, data)
+    dataset = Dataset.objects.get()
+    assert response.status_code == 302 and dataset.status == Dataset.Status.NEW
+    progress = client_user.get(f"/datasets/{dataset.pk}/progress.json").json()
+    assert progress["status"] == "new" and progress["busy"] is True
+    assert progress["stale"] is False  # waiting in the queue is not a lost worker
+    page = client_user.get(f"/datasets/{dataset.pk}/").content.decode()
+    assert 'data-busy="1"' in page
+    # The worker takes the import: no longer queued, and once imported no longer busy.
+    importing.import_dataset(dataset.pk)
+    progress = client_user.get(f"/datasets/{dataset.pk}/progress.json").json()
+    assert progress["status"] == "imported" and progress["busy"] is False

@@ -194,10 +194,22 @@ class StudioCallbacks(Callbacks):
         self.flush()
         if not self.run.holds_claim():
             raise ClaimLost(f"run {self.run.pk} is no longer held by {self.run.worker}")
-        self.run.record_checkpoint(path, info)
+        if self.run.retries:
+            # Progress past every earlier checkpoint: the attempts that died before this one
+            # were not dying in a row, so the run gets its full STUDIO_MAX_ATTEMPTS again.
+            self.run.claimed().update(retries=0)
+            self.run.retries = 0
+        ckpt = self.run.record_checkpoint(path, info)
         logger.info(
             "checkpoint at step %d%s: %s", info["step"], " (best)" if info.get("best") else "", path
         )
+        if self.run.kind == Run.Kind.ACOUSTIC:
+            # Every checkpoint is scored on a cpu worker while training goes on; a broker that
+            # cannot take the task costs the scores of this checkpoint, never the run.
+            try:
+                ckpt.queue_scoring()
+            except Exception as exc:
+                logger.warning("checkpoint at step %d not queued for scoring: %s", ckpt.step, exc)
         self.publisher.add(
             checkpoints=[live.checkpoint_dict(c) for c in self.run.checkpoints.order_by("-step")]
         )
