@@ -8,7 +8,8 @@ RUN npm ci --no-audit --no-fund
 FROM python:3.11-slim-bookworm
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     STUDIO_DATA_DIR=/data STUDIO_MEDIA_ROOT=/media
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+# ffmpeg: Gradio encodes the synthesis page's streamed audio with it.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev ffmpeg \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml ./

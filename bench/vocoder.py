@@ -1,7 +1,8 @@
 """Vocoders side by side on clips the studio never trained on: quality, intelligibility, speed.
 
     .venv/bin/python bench/vocoder.py [--clips 12] [--finetune-seconds 150] [--threads 1]
-                                      [--speed-threads 2] [--compile] > vocoder.jsonl
+                                      [--speed-threads 1 2] [--repeats 5] [--speed-only]
+                                      [--variants eager_fp32 onnxruntime_fp32 ...] > v.jsonl
 
 Copy synthesis (each clip's own mel, made as preprocessing makes it, through the vocoder) on
 validation clips of /work/shared/corpora/dev-en-8spk, round-robin over its speakers, for:
@@ -13,12 +14,14 @@ validation clips of /work/shared/corpora/dev-en-8spk, round-robin over its speak
 One JSON line each: DNSMOS OVRL/SIG/BAK (synthesis.quality), pocketsphinx WER, SECS against
 another clip of the same speaker, MCD against the clip's own mel, RTF.
 
-Then speed lines for HiFi-GAN on one sentence with --speed-threads threads, every variant in
-the same run so they share the machine's load (other agents use the same cores; compare the
-ratios): eager float32 (the baseline), eager bfloat16, ONNX Runtime (when the `onnx` exporter
-package is installed), torch.compile (--compile; minutes of compiling on a small CPU), each
-with its real-time factor and the time to the first streamed chunk. Conv1d has no
-channels-last layout (that is a 4-D memory format), so it is not a candidate.
+Then speed lines for HiFi-GAN on one clip for each --speed-threads count, every variant timed
+round-robin in the same run so they share the machine's load (other agents use the same
+cores; compare the ratios, medians of --repeats rounds): eager float32 in inference mode (the
+baseline; the studio's fallback), eager under no_grad only, eager bfloat16 (emulated, so slow,
+on CPUs without AMX/AVX512-BF16), ONNX Runtime float32 (the studio's CPU default), and
+torch.compile (`--variants compile_fp32`; minutes of compiling on a small CPU), each with
+its real-time factor and the time to the first streamed chunk. Conv1d has no channels-last layout (that is a 4-D
+memory format), so it is not a candidate; a line says so.
 """
 
 from __future__ import annotations
@@ -170,99 +173,117 @@ def quality(name: str, vocoder, clips: list[dict], references: dict) -> dict:
     }
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def first_chunk_s(vocoder, mel) -> float:
     t = time.perf_counter()
     next(iter(vocoder.stream(mel)))
     return time.perf_counter() - t
 
 
-def onnx_runner(generator, threads: int, workdir: Path):
-    """The generator exported once to ONNX and run by onnxruntime; None without `onnx`."""
-    import importlib.util
-
-    if importlib.util.find_spec("onnx") is None:
-        return None, "the onnx exporter package is not installed"
-    import onnxruntime as ort
-
-    path = workdir / "hifigan.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            generator, (torch.randn(1, 80, 64),), str(path), input_names=["mel"],
-            output_names=["wav"], dynamic_axes={"mel": {2: "frames"}, "wav": {2: "samples"}},
-            dynamo=False, opset_version=17,
-        )  # fmt: skip
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(mel: torch.Tensor) -> np.ndarray:
-        return session.run(None, {"mel": mel[None].numpy().astype(np.float32)})[0][0, 0]
-
-    return run, None
+SPEED_VARIANTS = ("eager_fp32", "eager_fp32_no_grad", "eager_bf16", "onnxruntime_fp32")
 
 
-def speed(clip: dict, threads: int, repeats: int, use_compile: bool, workdir: Path) -> None:
-    from training.vocoder_model import pretrained_generator, remove_weight_norm, wheel_config
+def speed(
+    clip: dict, threads: int, repeats: int, variants_wanted: list[str], max_seconds: float
+) -> None:
+    """Every variant timed round-robin (one call of each per round, `repeats` rounds), so a
+    burst of load from other processes hits them all alike; medians are reported."""
+    from training.vocoder_model import pretrained_generator, wheel_config
 
     torch.set_num_threads(threads)
     _, layout = wheel_config()
-    mel = A.mel_spectrogram(clip["wav"])
+    wav = clip["wav"][: int(max_seconds * A.DEFAULT.sample_rate)]
+    mel = A.mel_spectrogram(wav)
     audio_s = mel.shape[1] * A.DEFAULT.hop_length / A.DEFAULT.sample_rate
-    variants = {
-        "eager_fp32": vocoders.HiFiGAN(pretrained_generator(), layout, dtype=torch.float32),
-        "eager_bf16": vocoders.HiFiGAN(pretrained_generator(), layout, dtype=torch.bfloat16),
-    }
-    results = {}
-    for name, v in variants.items():
-        v(mel)  # warm-up: oneDNN picks its kernels on the first call
-        results[name] = (
-            timed(lambda v=v: v(mel), repeats),
-            timed(lambda v=v: first_chunk_s(v, mel), repeats),
-        )
-    run, why_not = onnx_runner(remove_weight_norm(pretrained_generator()).eval(), threads, workdir)
-    if run is not None:
-        run(mel)
-        first = mel[:, : vocoders.FIRST_CHUNK_FRAMES + vocoders.CONTEXT_FRAMES]
-        results["onnxruntime_fp32"] = (
-            timed(lambda: run(mel), repeats),
-            timed(lambda: run(first), repeats),
-        )
-    else:
-        emit(kind="speed", variant="onnxruntime_fp32", skipped=why_not)
-    if use_compile:
-        v = vocoders.HiFiGAN(pretrained_generator(), layout, dtype=torch.float32)
-        v.generator = torch.compile(v.generator, dynamic=True)
-        t = time.perf_counter()
-        v(mel)
-        compile_s = time.perf_counter() - t
-        results["compile_fp32"] = (
-            timed(lambda: v(mel), repeats),
-            timed(lambda: first_chunk_s(v, mel), repeats),
-        )
-        emit(kind="speed_note", variant="compile_fp32", compile_s=round(compile_s, 1))
-    base = results["eager_fp32"][0]
-    for name, (whole_s, first_s) in results.items():
+
+    def make(name: str):
+        if name == "eager_fp32":  # the baseline: eager PyTorch in inference mode
+            v = vocoders.HiFiGAN(pretrained_generator(), layout, backend=vocoders.BACKEND_EAGER)
+            return v, v
+        if name == "eager_fp32_no_grad":  # autograd off, but without inference mode
+            v = vocoders.HiFiGAN(pretrained_generator(), layout, backend=vocoders.BACKEND_EAGER)
+
+            def call(m, v=v):
+                with torch.no_grad():
+                    return v.vocode(v._prepare(m))
+
+            return call, None
+        if name == "eager_bf16":
+            v = vocoders.HiFiGAN(
+                pretrained_generator(), layout, dtype=torch.bfloat16, backend="eager"
+            )
+            return v, v
+        if name == "onnxruntime_fp32":
+            t = time.perf_counter()
+            v = vocoders.HiFiGAN(pretrained_generator(), layout, backend=vocoders.BACKEND_ONNX)
+            emit(kind="speed_note", variant=name, backend=v.backend,
+                 load_and_export_s=round(time.perf_counter() - t, 1))  # fmt: skip
+            return (v, v) if v.backend == vocoders.BACKEND_ONNX else None
+        if name == "compile_fp32":
+            v = vocoders.HiFiGAN(pretrained_generator(), layout, backend=vocoders.BACKEND_EAGER)
+            v.generator = torch.compile(v.generator, dynamic=True)
+            t = time.perf_counter()
+            v(mel)
+            emit(kind="speed_note", variant=name, compile_s=round(time.perf_counter() - t, 1))
+            return v, v
+        raise SystemExit(f"unknown speed variant {name!r}")
+
+    variants = {}
+    for name in ["eager_fp32", *[n for n in variants_wanted if n != "eager_fp32"]]:
+        made = make(name)
+        if made is not None:
+            variants[name] = made
+    emit(kind="speed_note", variant="channels_last", skipped="Conv1d has no channels-last "
+         "layout (torch.channels_last is a 4-D memory format)")  # fmt: skip
+    for whole, _ in variants.values():
+        whole(mel)  # warm-up: oneDNN and ONNX Runtime pick their kernels on the first call
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    firsts: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (whole, streamer) in variants.items():
+            t = time.perf_counter()
+            whole(mel)
+            times[name].append(time.perf_counter() - t)
+            if streamer is not None:
+                firsts[name].append(first_chunk_s(streamer, mel))
+    base = statistics.median(times["eager_fp32"])
+    for name in variants:
+        whole_s = statistics.median(times[name])
         emit(
             kind="speed", variant=name, threads=threads, audio_s=round(audio_s, 2),
-            rtf=round(whole_s / audio_s, 3), first_chunk_s=round(first_s, 3),
-            speedup_vs_eager_fp32=round(base / whole_s, 2),
+            rtf=round(whole_s / audio_s, 3),
+            first_chunk_s=round(statistics.median(firsts[name]), 3) if firsts[name] else None,
+            speedup_vs_eager_fp32=round(base / whole_s, 2), repeats=repeats,
+            load_avg_1m=round(os.getloadavg()[0], 2),
         )  # fmt: skip
     gl = vocoders.GriffinLim()
-    emit(
-        kind="speed",
-        variant="griffin-lim",
-        threads=threads,
-        rtf=round(timed(lambda: gl(mel), repeats) / audio_s, 3),
-    )
+    gl_times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        gl(mel)
+        gl_times.append(time.perf_counter() - t)
+    emit(kind="speed", variant="griffin-lim", threads=threads,
+         rtf=round(statistics.median(gl_times) / audio_s, 3))  # fmt: skip
+
+
+def compare_quality(args, val: list[dict], train: list[dict], workdir: Path) -> None:
+    # SECS reference: another clip (a training one) of the same speaker.
+    references = {}
+    for r in train:
+        if r["speaker"] not in references:
+            references[r["speaker"]] = embed_audio(recording(r["path"], A.DEFAULT).numpy(), 22050)
+    systems = [
+        ("real", None),
+        ("griffin-lim", vocoders.GriffinLim()),
+        ("hifigan", vocoders.load_vocoder("hifigan")),
+    ]
+    if args.finetune_seconds > 0:
+        path, info = finetune(
+            round_robin(train, args.finetune_clips), args.finetune_seconds, workdir
+        )
+        emit(kind="finetune", **info)
+        systems.append(("hifigan-finetuned", vocoders.load_vocoder(path)))
+    for name, vocoder in systems:
+        emit(**quality(name, vocoder, val, references))
 
 
 def main() -> None:
@@ -272,9 +293,15 @@ def main() -> None:
     parser.add_argument("--finetune-seconds", type=float, default=150.0, help="0 skips it")
     parser.add_argument("--finetune-clips", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for quality")
-    parser.add_argument("--speed-threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--speed-threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--speed-only", action="store_true", help="skip the quality lines")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(SPEED_VARIANTS),
+        help=f"speed variants, eager_fp32 always included: {' '.join(SPEED_VARIANTS)} "
+        "compile_fp32 (minutes of compiling on a small CPU)",
+    )  # fmt: skip
+    parser.add_argument("--speed-seconds", type=float, default=4.0, help="clip length timed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     emit(
@@ -288,28 +315,11 @@ def main() -> None:
     train = [r for r in rows if split_of(r["id"]) == "train"]
     for clip in val:
         clip["wav"] = recording(clip["path"], A.DEFAULT)
-    # SECS reference: another clip (a training one) of the same speaker.
-    references = {}
-    for r in train:
-        if r["speaker"] not in references:
-            references[r["speaker"]] = embed_audio(recording(r["path"], A.DEFAULT).numpy(), 22050)
-
-    with tempfile.TemporaryDirectory(prefix="bench-vocoder-") as tmp:
-        workdir = Path(tmp)
-        systems = [
-            ("real", None),
-            ("griffin-lim", vocoders.GriffinLim()),
-            ("hifigan", vocoders.load_vocoder("hifigan")),
-        ]
-        if args.finetune_seconds > 0:
-            path, info = finetune(
-                round_robin(train, args.finetune_clips), args.finetune_seconds, workdir
-            )
-            emit(kind="finetune", **info)
-            systems.append(("hifigan-finetuned", vocoders.load_vocoder(path)))
-        for name, vocoder in systems:
-            emit(**quality(name, vocoder, val, references))
-        speed(val[0], args.speed_threads, args.repeats, args.compile, workdir)
+    if not args.speed_only:
+        with tempfile.TemporaryDirectory(prefix="bench-vocoder-") as tmp:
+            compare_quality(args, val, train, Path(tmp))
+    for threads in args.speed_threads:
+        speed(val[0], threads, args.repeats, args.variants, args.speed_seconds)
     emit(kind="env_end", load_avg=os.getloadavg())
 
 

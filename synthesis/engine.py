@@ -24,7 +24,7 @@ from training import audio as audio_lib
 from training import text as text_lib
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.device import select_device
-from training.model import ModelConfig, TTSModel
+from training.model import ModelConfig, TTSModel, load_model_weights
 
 # A chunk the model sees at once. Long inputs are cut at sentence ends, then at clause
 # punctuation: attention-free duration models cope with any length, but the pauses a reader
@@ -100,7 +100,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     symbols = text_lib.SymbolTable.from_list(list(ckpt["symbols"]))
     model = TTSModel(cfg, n_symbols=len(symbols))
     try:
-        model.load_state_dict(ckpt["model"])
+        # Checkpoints from before conditional layer norms load with those at identity. The
+        # weight average, where the run kept one, is what speaks: steadier than the last step.
+        ema = ckpt.get("ema") or {}
+        load_model_weights(model, ema.get("weights") or ckpt["model"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -366,11 +369,14 @@ class Synthesizer:
         pitch: float = 0.0,
         energy: float = 1.0,
         timings: dict | None = None,
+        sentences: list | None = None,
     ) -> Iterator[np.ndarray]:
         """The waveform as it is made, for a player that streams: each sentence's mel goes
         through `vocoder.stream`, so the first piece (about 0.3 s of audio with HiFi-GAN) is
         ready before the first sentence is fully rendered. Pauses come as silent pieces;
-        joined, the pieces are `synthesize(...).audio` up to the chunk seams."""
+        joined, the pieces are `synthesize(...).audio` up to the chunk seams. A `sentences`
+        list receives (text, mel, pause_s) per sentence, for a caller that also shows the
+        mel once the audio is out."""
         timings = timings if timings is not None else {}
         start = time.perf_counter()
         lang = lang or self.lang
@@ -386,6 +392,8 @@ class Synthesizer:
             if not ids:
                 continue
             mel = self._mel(ids, spk, speed, pitch, energy)
+            if sentences is not None:
+                sentences.append((chunk_text, mel.numpy(), pause))
             # One piece is held back so the sentence's last one can be faded out like
             # `synthesize` does; the first is faded in.
             held = None

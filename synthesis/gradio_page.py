@@ -28,6 +28,8 @@ from synthesis.vocoders import (
     available_vocoders,
     default_vocoder_name,
 )
+from training import audio as audio_lib
+from training import text as text_lib
 
 VOICE_REFERENCE = "reference"
 VOICE_SEEN = "seen"
@@ -76,6 +78,20 @@ def vocoder_key(choice: VocoderChoice) -> str:
 def mel_picture(mel: np.ndarray, sample_rate: int, hop_length: int) -> np.ndarray:
     """RGB array of the log-mel, time in seconds along x."""
     return rgb_array(mel_figure(mel, sample_rate, hop_length, size=(9.0, 2.6)))
+
+
+def whole_mel(sentences: list[tuple[str, np.ndarray, float]], sr: int, hop: int) -> np.ndarray:
+    """The sentences' mels joined with floor-level frames for the pauses, as the audio is."""
+    if not sentences:
+        return np.zeros((80, 1), dtype=np.float32)
+    floor = float(np.log(audio_lib.LOG_FLOOR))
+    parts = []
+    for _, mel, pause_s in sentences:
+        parts.append(mel)
+        frames = round(pause_s * sr / hop)
+        if frames:
+            parts.append(np.full((mel.shape[0], frames), floor, dtype=np.float32))
+    return np.concatenate(parts, axis=1)
 
 
 def _shadow_zope_marker() -> None:
@@ -185,30 +201,47 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
                     raise gr.Error("This checkpoint has no seen speakers; give a reference clip.")
                 target = synth.speaker_embedding(speaker=speaker)
                 against = f"the mean voice of {speaker}"
-            out = synth.synthesize(
-                text,
-                target,
-                lang=None if language in (None, "", "auto") else language,
-                speed=speed,
-                pitch=pitch,
-                energy=energy,
-            )
+            lang = None if language in (None, "", "auto") else language
+            sentences: list[tuple[str, np.ndarray, float]] = []
+            timings: dict[str, float] = {}
+            pieces: list[np.ndarray] = []
+            # Each piece goes to the live player as it is made: with HiFi-GAN the first 0.3 s
+            # plays while the rest of the sentence is still rendering. 16-bit WAV bytes pass
+            # through Gradio untouched (a numpy chunk would be peak-normalised on its own).
+            for piece in synth.audio_chunks(
+                text, target, lang=lang, speed=speed, pitch=pitch, energy=energy,
+                timings=timings, sentences=sentences,
+            ):  # fmt: skip
+                pieces.append(piece)
+                yield audio_lib.wav_bytes(piece, synth.sample_rate), *([gr.skip()] * 4)
+        except gr.Error:
+            raise  # already worded for the user (gr.Error is a ValueError too)
         except (ReferenceAudioError, ValueError, FileNotFoundError) as exc:
             raise gr.Error(str(exc)) from exc
-        similarity = scores.secs(scores.embed_audio(out.audio, out.sample_rate), target)
-        t = out.timings
+        wav = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+        sr, hop = synth.sample_rate, synth.loaded.audio.hop_length
+        similarity = scores.secs(scores.embed_audio(wav, sr), target)
+        seconds = len(wav) / sr
+        total = timings.get("total_s", 0.0)
         notes = [
             f"**Speaker similarity** of the output to {against}: **{similarity:.3f}** "
             "(cosine of speaker embeddings; the same person in two real clips scores about 0.8-0.9).",
-            f"{out.duration_s:.1f} s of audio in {t['total_s']:.2f} s "
-            f"(real-time factor {t['rtf']:.2f}; model {t['model_s']:.2f} s, vocoder {t['vocoder_s']:.2f} s), "
-            f"{len(out.chunks)} sentence{'s' if len(out.chunks) != 1 else ''}, "
-            f"vocoder: {synth.vocoder.label}.",
+            f"{seconds:.1f} s of audio in {total:.2f} s (real-time factor "
+            f"{total / max(seconds, 1e-9):.2f}; first audio after "
+            f"{timings.get('first_audio_s', total):.2f} s), {len(sentences)} "
+            f"sentence{'s' if len(sentences) != 1 else ''}, vocoder: {synth.vocoder.label}.",
         ]
-        if out.dropped:
-            notes.append("Skipped characters this model cannot say: " + " ".join(out.dropped))
-        picture = mel_picture(out.mel, out.sample_rate, synth.loaded.audio.hop_length)
-        return out.wav_bytes(), picture, round(similarity, 4), "\n\n".join(notes)
+        dropped = sorted(text_lib.unspeakable(text, lang or synth.lang))
+        if dropped:
+            notes.append("Skipped characters this model cannot say: " + " ".join(dropped))
+        picture = mel_picture(whole_mel(sentences, sr, hop), sr, hop)
+        yield (
+            gr.skip(),
+            audio_lib.wav_bytes(wav, sr),
+            picture,
+            round(similarity, 4),
+            "\n\n".join(notes),
+        )
 
     def predicted_mos(audio_path: str | None, request: gr.Request):
         """DNSMOS after the audio is out: it costs a few hundred ms the listener need not wait."""
@@ -272,6 +305,13 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
                 vocoder_note = gr.Markdown()
                 go = gr.Button("Synthesise", variant="primary")
             with gr.Column(scale=2):
+                # Plays while the voice is still rendering (Gradio encodes it with ffmpeg).
+                live = gr.Audio(
+                    label="Listen (plays as it renders)",
+                    streaming=True,
+                    autoplay=True,
+                    interactive=False,
+                )
                 audio = gr.Audio(
                     label="Output",
                     type="filepath",
@@ -324,7 +364,7 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
                 energy,
                 vocoder,
             ],
-            outputs=[audio, picture, similarity, notes],
+            outputs=[live, audio, picture, similarity, notes],
             api_name="synthesize",
         ).then(predicted_mos, inputs=audio, outputs=mos, api_visibility="undocumented")
     return page

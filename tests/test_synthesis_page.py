@@ -7,11 +7,14 @@ with lifespan off (as Daphne serves it), so the gate's own Gradio start-up is wh
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
 
+import gradio as gr
 import httpx
+import numpy as np
 import pytest
 import soundfile as sf
 from django.core.asgi import get_asgi_application
@@ -138,7 +141,12 @@ def test_gradio_client_call_returns_audio(server, user, other_user, tmp_path):
         analytics_enabled=False,
     )
     args = ("Hello there. How are you?", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0, "hifigan")
-    audio, picture, similarity, notes = client.predict(str(mine.pk), *args, api_name="/synthesize")
+    # The first output is the live player, fed while the audio renders; its last update is a
+    # skip (the stream has ended), the whole file is the second output.
+    live, audio, picture, similarity, notes = client.predict(
+        str(mine.pk), *args, api_name="/synthesize"
+    )
+    assert live == {"__type__": "update"}
     wav, sr = sf.read(audio)
     assert sr == 22050 and len(wav) > 0
     assert -1.0 <= similarity <= 1.0
@@ -216,6 +224,67 @@ def test_the_page_speaks_through_a_fine_tuned_vocoder(server, user, tmp_path):
         analytics_enabled=False,
     )
     args = ("Hello there.", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0, vocoder_key(tuned))
-    audio, _, _, notes = client.predict(str(mine.pk), *args, api_name="/synthesize")
+    _, audio, _, _, notes = client.predict(str(mine.pk), *args, api_name="/synthesize")
     assert "vocoder: HiFi-GAN fine-tuned" in notes
     assert sf.info(audio).samplerate == 22050
+
+
+def speaking_checkpoint(owner, folder):
+    """studio_checkpoint with its duration predictor set to 6 frames a token, so an untrained
+    model still says a sentence long enough to arrive in several streamed pieces."""
+    import math
+
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = studio_checkpoint(owner, folder, "alice-run")
+    data = load_checkpoint(ckpt.path)
+    data["model"]["duration_predictor.proj.weight"].zero_()
+    data["model"]["duration_predictor.proj.bias"].fill_(math.log(1 + 6))
+    save_checkpoint(ckpt.path, data)
+    return ckpt
+
+
+def test_the_page_streams_audio_while_it_renders(user, tmp_path):
+    """The Synthesise handler yields the live player's pieces as HiFi-GAN renders them (the
+    first a fraction of a sentence), then the whole file, picture, similarity and notes."""
+    import types
+
+    from synthesis import vocoders
+    from synthesis.gradio_page import build_synthesis_page
+
+    mine = speaking_checkpoint(user, tmp_path)
+    page = build_synthesis_page(page_sources())
+    speak = next(f.fn for f in page.fns.values() if f.api_name == "synthesize")
+    request = types.SimpleNamespace(username=str(user.pk))
+    text = "Hello there, how are you today? Fine."
+    outputs = list(
+        speak(str(mine.pk), text, "auto", "seen", None, "narrator", 1.0, 0.0, 1.0, "hifigan",
+              request)
+    )  # fmt: skip
+    skip = {"__type__": "update"}
+    *streamed, final = outputs
+    assert len(streamed) >= 3  # two sentences, the first in more than one piece, a pause
+    pieces = []
+    for live, *rest in streamed:
+        assert rest == [skip] * 4  # nothing else changes while the audio streams
+        assert live[:4] == b"RIFF"
+        wav, sr = sf.read(io.BytesIO(live), dtype="float32")
+        assert sr == 22050
+        pieces.append(wav)
+    hop = 256
+    assert 0 < len(pieces[0]) <= (vocoders.FIRST_CHUNK_FRAMES + 1) * hop
+    live, audio, picture, similarity, notes = final
+    assert live == skip  # the stream ends as it is; the whole file goes to the Output player
+    whole, sr = sf.read(io.BytesIO(audio), dtype="float32")
+    np.testing.assert_array_equal(whole, np.concatenate(pieces))
+    assert picture.ndim == 3 and -1.0 <= similarity <= 1.0
+    assert "2 sentences" in notes and "first audio after" in notes
+    assert "vocoder: HiFi-GAN universal" in notes
+
+    # Bad input is a message in the page, never a traceback, and nothing is streamed first.
+    with pytest.raises(gr.Error, match="Type some text"):
+        list(speak(str(mine.pk), " ", "auto", "seen", None, "narrator", 1.0, 0.0, 1.0,
+                   "hifigan", request))  # fmt: skip
+    with pytest.raises(gr.Error, match="speed must be between"):
+        list(speak(str(mine.pk), text, "auto", "seen", None, "narrator", 9.0, 0.0, 1.0,
+                   "hifigan", request))  # fmt: skip

@@ -156,3 +156,64 @@ def test_dnsmos_scores_speech_above_noise(speech):
     assert set(clean.to_dict()) == {"ovrl", "sig", "bak", "p808"}
     with pytest.raises(ValueError, match="at least"):
         dnsmos(np.zeros(100, dtype=np.float32), sr)
+
+
+def test_hifigan_runs_on_onnx_runtime_and_matches_eager(speech):
+    """The CPU fast path: the same waveform as eager PyTorch, whole and streamed."""
+    vocoder = load_vocoder(HIFIGAN)
+    assert vocoder.backend == vocoders.BACKEND_ONNX
+    assert vocoder.describe()["backend"] == "onnxruntime"
+    mel = A.mel_spectrogram(speech[: A.DEFAULT.sample_rate * 2])
+    with torch.inference_mode():
+        eager = vocoder.generator(mel[None])[0, 0][vocoder.output_delay :].numpy()
+    fast = vocoder(mel)
+    assert fast.shape == eager.shape
+    assert float(np.abs(fast - eager).max()) < 1e-3
+    assert np.sqrt(np.mean((fast - eager) ** 2)) / np.sqrt(np.mean(eager**2)) < 1e-3
+    streamed = np.concatenate(list(vocoder.stream(mel)))
+    eager_vocoder = vocoders.HiFiGAN(
+        vocoder.generator, vocoder.config, backend=vocoders.BACKEND_EAGER
+    )
+    assert eager_vocoder.backend == vocoders.BACKEND_EAGER
+    assert float(np.abs(streamed - np.concatenate(list(eager_vocoder.stream(mel)))).max()) < 1e-3
+
+
+def test_a_failing_onnx_path_falls_back_to_eager_with_a_log_line(monkeypatch, caplog):
+    generator = load_vocoder(HIFIGAN).generator  # already folded; eager reference below
+    mel = torch.full((80, 16), -6.0)
+    with torch.inference_mode():
+        want = generator(mel[None])[0, 0][A.DEFAULT.hop_length // 2 :].numpy()
+
+    def no_exporter(*args):
+        raise ModuleNotFoundError("Module onnx is not installed!")
+
+    monkeypatch.setattr(vocoders, "onnx_generator", no_exporter)
+    with caplog.at_level("WARNING", logger="synthesis.vocoders"):
+        vocoder = vocoders.HiFiGAN(generator, A.DEFAULT)
+    assert vocoder.backend == vocoders.BACKEND_EAGER
+    assert "ONNX Runtime unavailable (Module onnx is not installed!)" in caplog.text
+    assert "running eager PyTorch" in caplog.text
+    np.testing.assert_allclose(vocoder(mel), want, atol=1e-6)
+
+    # A graph whose output is wrong fails the self-check and is never used.
+    caplog.clear()
+    monkeypatch.setattr(vocoders, "onnx_generator", lambda *a: lambda m: generator(m) + 0.5)
+    with caplog.at_level("WARNING", logger="synthesis.vocoders"):
+        vocoder = vocoders.HiFiGAN(generator, A.DEFAULT)
+    assert vocoder.backend == vocoders.BACKEND_EAGER
+    assert "differs from eager PyTorch" in caplog.text
+
+    # A session that breaks at run time: this call and every later one are served eagerly.
+    caplog.clear()
+    monkeypatch.setattr(vocoders, "onnx_generator", lambda *a: generator)
+    vocoder = vocoders.HiFiGAN(generator, A.DEFAULT)
+    assert vocoder.backend == vocoders.BACKEND_ONNX
+
+    def broken(m):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION")
+
+    vocoder._onnx = broken
+    with caplog.at_level("WARNING", logger="synthesis.vocoders"):
+        np.testing.assert_allclose(vocoder(mel), want, atol=1e-6)
+    assert vocoder.backend == vocoders.BACKEND_EAGER
+    assert "ONNX Runtime failed" in caplog.text

@@ -8,11 +8,15 @@ CPU steps of the universal generator with tiny segments and discriminators (~1 s
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+from django.urls import reverse
 
-from studio.models import AudioSample, Checkpoint, MetricPoint, Run, Utterance
+from studio import live
+from studio.models import AudioSample, Checkpoint, Dataset, MetricPoint, Run, Utterance
 from studio.runs.tasks import train
 from studio.synthesis import vocoders as studio_vocoders
 from tests.fixtures_runs import ready_dataset, tiny_run
@@ -219,8 +223,16 @@ def test_a_bad_vocoder_config_fails_the_run_with_the_reason(user):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_vocoder_run_without_recordings_fails_with_the_reason(user):
-    run = vocoder_run(user, ready_dataset(user))  # no Utterance rows: nothing to read
+def test_a_vocoder_run_without_recordings_fails_with_the_reason(user, tmp_path):
+    # A cache whose recordings were moved away since preprocessing, and no Utterance rows.
+    cache = tmp_path / "cache"
+    shutil.copytree(ready_dataset(user).cache_dir, cache)
+    lines = (cache / "items.jsonl").read_text().splitlines()
+    records = [dict(json.loads(line), audio_path=str(tmp_path / "gone.wav")) for line in lines]
+    (cache / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dataset = ready_dataset(user, name="moved")
+    Dataset.objects.filter(pk=dataset.pk).update(cache_dir=str(cache))
+    run = vocoder_run(user, Dataset.objects.get(pk=dataset.pk))
     assert train(run.pk) == Run.Status.FAILED
     run.refresh_from_db()
     assert "no training utterance has a readable recording" in run.error
@@ -300,3 +312,37 @@ def test_the_task_hands_the_trainer_its_start_point_and_teacher(user, monkeypatc
     assert len(seen["audio_files"]) == 12 and all(
         Path(p).is_file() for p in seen["audio_files"].values()
     )
+
+
+def test_the_run_page_shows_the_kind_and_teacher_and_never_scores_a_vocoder(
+    client_user, user, monkeypatch
+):
+    acoustic = tiny_run(user)
+    acoustic.name = "teacher-run"
+    acoustic.save()
+    teacher = Checkpoint.objects.create(run=acoustic, step=8, path="/runs/a/step_0000008.pt")
+    run = vocoder_run(user)
+    run.acoustic_checkpoint = teacher
+    run.save()
+    ckpt = Checkpoint.objects.create(run=run, step=4, path="/runs/v/step_0000004.pt")
+
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert "Vocoder fine-tune" in page
+    assert "teacher-forced mels of" in page and "teacher-run" in page and "step 8" in page
+    assert f'data-checkpoint-id="{ckpt.pk}"' in page
+    assert "score-form" not in page  # no Score button on a vocoder checkpoint
+    assert live.checkpoint_dict(ckpt)["score_url"] is None  # nor in the live updates
+
+    # The endpoint, posted by hand, says why and queues nothing.
+    sent = []
+    monkeypatch.setattr(Checkpoint, "queue_scoring", lambda self: sent.append(self) or True)
+    response = client_user.post(reverse("checkpoint_score", args=[ckpt.pk]), follow=True)
+    assert response.status_code == 200 and not sent
+    assert "is a vocoder checkpoint: scores are for acoustic models" in response.content.decode()
+
+    # Without a teacher it says what it learns from; an acoustic run keeps its Score button.
+    run.acoustic_checkpoint = None
+    run.save()
+    assert "the recordings' own mels" in client_user.get(run.get_absolute_url()).content.decode()
+    acoustic_page = client_user.get(acoustic.get_absolute_url()).content.decode()
+    assert "Acoustic model" in acoustic_page and "score-form" in acoustic_page
