@@ -506,3 +506,23 @@ class SymbolTable:
 
     def __contains__(self, token: str) -> bool:
         return token in self.ids
+
+
+def words(text: str) -> list[str]:
+    """Lower-case English words with punctuation dropped and numbers spelled out: what word
+    error rates compare, for the scores and the dataset quality gate alike."""
+    return re.findall(r"[a-z]+(?:'[a-z]+)?", normalize(text, "en").lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, by edit distance over words."""
+    ref, hyp = words(reference), words(hypothesis)
+    if not ref:
+        raise ValueError("the reference text has no words")
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)

@@ -35,10 +35,13 @@ def problem_table(dataset: Dataset) -> list[dict]:
 
 
 def problem_csv_rows(dataset: Dataset) -> Iterator[list[str]]:
-    yield ["item_id", "speaker", "file", "code", "severity", "kept", "message"]
+    """One line per problem; the quality gate's review and drop verdicts are problems too
+    (codes quality_review / quality_drop), each with its verdict and its worst reason."""
+    yield ["item_id", "speaker", "file", "code", "severity", "kept", "verdict", "reason", "message"]
     utterances = dataset.utterances.exclude(problems=[]).select_related("speaker")
     root = _corpus_root(dataset)
     for u in utterances.iterator(chunk_size=BATCH):
+        reason = u.verdict_reasons[0]["code"] if u.verdict_reasons else ""
         for p in u.problems:
             yield [
                 u.item_id,
@@ -47,6 +50,8 @@ def problem_csv_rows(dataset: Dataset) -> Iterator[list[str]]:
                 p["code"],
                 p.get("severity", ""),
                 "yes" if u.usable else "no",
+                u.verdict,
+                reason if u.verdict in ("review", "drop") else "",
                 without_server_paths(p["message"], root),
             ]
 
@@ -173,3 +178,97 @@ def utterance_mel(utterance: Utterance):
 
 def mel_png(utterance: Utterance) -> bytes:
     return pictures.mel_png(utterance_mel(utterance), size=(6.0, 1.8), axes=False)
+
+
+# --------------------------------------------------------------------------- the quality gate
+
+REVIEW_PAGE = 20
+
+
+def review_queue(dataset: Dataset, limit: int = REVIEW_PAGE) -> list[Utterance]:
+    """Clips the gate sent to review or dropped, worst first; those a person already decided
+    on come after the undecided ones."""
+    from django.db.models import Case, IntegerField, Value, When
+
+    flagged = dataset.utterances.filter(verdict__in=["review", "drop"]).select_related(
+        "speaker", "reviewed_by"
+    )
+    undecided_first = Case(
+        When(review_decision="", then=Value(0)), default=Value(1), output_field=IntegerField()
+    )
+    return list(flagged.order_by(undecided_first, "-badness", "item_id")[:limit])
+
+
+def review_counts(dataset: Dataset) -> dict[str, int]:
+    from django.db.models import Count
+
+    counts = {"keep": 0, "review": 0, "drop": 0, "decided": 0, "pending_changes": 0}
+    for row in dataset.utterances.exclude(verdict="").values("verdict").annotate(n=Count("id")):
+        counts[row["verdict"]] = row["n"]
+    decided = dataset.utterances.exclude(review_decision="")
+    counts["decided"] = decided.count()
+    # Decisions the last preprocessing has not applied yet (its verdict still differs).
+    counts["pending_changes"] = (
+        decided.filter(review_decision="keep").exclude(verdict="keep").count()
+        + decided.filter(review_decision="drop").exclude(verdict="drop").count()
+    )
+    counts["edited"] = dataset.utterances.exclude(original_text="").count()
+    return counts
+
+
+def left_out(dataset: Dataset) -> dict[str, int]:
+    """How many clips of each kind training leaves out: the gate's drops by their worst reason,
+    and the files earlier checks refused (undecodable, silent, no transcript...)."""
+    from training.clip_quality import REASON_KINDS
+
+    counts: dict[str, int] = {}
+    for verdict, reasons, problems in dataset.utterances.filter(usable=False).values_list(
+        "verdict", "verdict_reasons", "problems"
+    ):
+        if verdict == "drop" and reasons:
+            label = REASON_KINDS.get(reasons[0]["code"], reasons[0]["code"])
+        else:
+            errors = [p["code"] for p in problems if p.get("severity") == "error"]
+            label = (errors[0] if errors else "unusable").replace("_", " ")
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# Scores pictured per speaker: (key in Utterance.quality, axis label).
+QUALITY_PICTURES = [
+    ("snr_db", "SNR estimate (dB)"),
+    ("voiced_share", "voiced share"),
+    ("similarity", "similarity to the speaker's voice"),
+    ("rate", "phonemes per voiced second"),
+    ("wer", "word error rate (clips heard)"),
+]
+MAX_PICTURED_SPEAKERS = 8
+
+
+def quality_histogram_png(dataset: Dataset, speaker: str = "") -> bytes:
+    """The distribution of each score, one outline per speaker, so a speaker whose data is not
+    clean stands out. Only the first speakers by name unless one is asked for."""
+    rows = dataset.utterances.exclude(verdict="").select_related("speaker")
+    if speaker:
+        rows = rows.filter(speaker__name=speaker)
+    by_speaker: dict[str, list[dict]] = {}
+    for name, quality in rows.values_list("speaker__name", "quality"):
+        by_speaker.setdefault(name or "", []).append(quality)
+    names = sorted(by_speaker)[:MAX_PICTURED_SPEAKERS]
+    fig = _figure(6.0, 1.7 * len(QUALITY_PICTURES))
+    for n, (key, label) in enumerate(QUALITY_PICTURES, 1):
+        ax = fig.add_subplot(len(QUALITY_PICTURES), 1, n)
+        drawn = False
+        for name in names:
+            values = [q[key] for q in by_speaker[name] if q.get(key) is not None]
+            if values:
+                ax.hist(values, bins=20, histtype="step", linewidth=1.4, label=name)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no scores yet", ha="center", va="center", color="#777")
+        ax.set_xlabel(label)
+        ax.set_ylabel("clips")
+        ax.spines[["top", "right"]].set_visible(False)
+        if drawn and n == 1:
+            ax.legend(fontsize=7, ncol=4, frameon=False)
+    return png_bytes(fig)
