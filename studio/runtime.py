@@ -209,6 +209,10 @@ def start_web(
         time.sleep(0.2)
 
 
+def cpu_processes() -> int:
+    return max(2, (os.cpu_count() or 2) // 2)
+
+
 def procfile_lines(host: str, port: int, embedded_redis: list[str] | None) -> list[str]:
     py = shlex.quote(sys.executable)
     lines = []
@@ -219,7 +223,10 @@ def procfile_lines(host: str, port: int, embedded_redis: list[str] | None) -> li
         # One training at a time per GPU worker; data work on its own queue so an import
         # never waits behind a long training run.
         f"gpu: {py} -m celery -A studio worker -Q gpu -c 1 -n gpu@%h --prefetch-multiplier 1 -l INFO",
-        f"cpu: {py} -m celery -A studio worker -Q cpu -c 1 -n cpu@%h --prefetch-multiplier 1 -l INFO",
+        # Data work grows to half the cores while a large corpus is preprocessed in parts (a
+        # Celery group, one part per process) and shrinks back to one process when idle.
+        f"cpu: {py} -m celery -A studio worker -Q cpu --autoscale {cpu_processes()},1 -n cpu@%h "
+        "--prefetch-multiplier 1 -l INFO",
     ]
     return lines
 
