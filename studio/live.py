@@ -126,7 +126,10 @@ def checkpoint_dict(ckpt) -> dict:
         "size_bytes": ckpt.size_bytes,
         "download_url": reverse("checkpoint_download", args=[ckpt.pk]),
         "synthesize_url": f"/synthesize/?checkpoint={ckpt.pk}",
-        "score_url": reverse("checkpoint_score", args=[ckpt.pk]),
+        # Scores are of speech made from text: a vocoder run's checkpoints are not scored.
+        "score_url": reverse("checkpoint_score", args=[ckpt.pk])
+        if ckpt.run.kind != ckpt.run.Kind.VOCODER
+        else None,
         "scores": score_summary(ckpt),
     }
 
@@ -142,6 +145,14 @@ SCORE_FIELDS = (
     "n_utterances",
     "secs_seen",
     "secs_unseen",
+    "secs_unseen_ceiling",
+    "secs_unseen_floor",
+    "normalised_secs_unseen",
+    "wer_unseen",
+    "unseen_speakers",
+    "speaker_check",
+    "quality",
+    "skipped",
     "secs_real_same_speaker",
     "secs_real_different_speakers",
     "mcd_db",
@@ -179,7 +190,7 @@ def history(run, since: int | None = None, max_points: int = HISTORY_POINTS) -> 
 
     With `since`, only what came after that step (a reconnect filling its gap); otherwise
     everything, with dense metrics thinned to about `max_points` steps. Validation metrics
-    are sparse (one per eval) and always sent in full.
+    are sparse (one per eval) and always sent in full, as are the checkpoints' scores.
     """
     from studio.models import MetricPoint
 
@@ -193,7 +204,7 @@ def history(run, since: int | None = None, max_points: int = HISTORY_POINTS) -> 
         stride = max(1, math.ceil((last - first + 1) / max_points))
     if stride > 1:
         rows = rows.annotate(r=Mod("step", stride)).filter(
-            Q(r=0) | Q(name__startswith="val/") | Q(step=last)
+            Q(r=0) | Q(name__startswith="val/") | Q(name__startswith="score/") | Q(step=last)
         )
     rows = rows.order_by("step", "name").values_list("step", "name", "value", "time")
 
@@ -407,8 +418,9 @@ def publish_status(run) -> None:
         logger.warning("status of run %s not published: %s", run.pk, exc)
 
 
-def publish_checkpoints(run) -> None:
-    """One-off checkpoint list from outside a training (scores queued or computed)."""
+def publish_checkpoints(run, points=()) -> None:
+    """One-off checkpoint list from outside a training (scores queued or computed), with the
+    metric points the scores made ("score/..."), if any."""
     from asgiref.sync import async_to_sync
     from channels.layers import get_channel_layer
 
@@ -418,7 +430,12 @@ def publish_checkpoints(run) -> None:
             run_group(run.pk),
             {
                 "type": "run.update",
-                "data": {"type": "update", "run": run.pk, "points": [], "checkpoints": checkpoints},
+                "data": {
+                    "type": "update",
+                    "run": run.pk,
+                    "points": list(points),
+                    "checkpoints": checkpoints,
+                },
             },
         )
     except Exception as exc:

@@ -94,6 +94,9 @@ class Dataset(Owned):
         ENGLISH = "en", "English"
         PERSIAN = "fa", "Persian"
 
+    # The statuses in which a task attempt holds the dataset.
+    WORKING = (Status.IMPORTING, Status.PREPROCESSING)
+
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets"
     )
@@ -119,6 +122,16 @@ class Dataset(Owned):
     n_speakers = models.PositiveIntegerField(default=0)
     total_seconds = models.FloatField(default=0.0)
     problem_counts = models.JSONField(default=dict, blank=True)
+    # The claim, as on Run: (worker, attempts) names the one task attempt that may write the
+    # dataset's progress and status, so a second import cannot run beside a live one.
+    worker = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    # Attempts of the current step in a row whose worker vanished; STUDIO_MAX_ATTEMPTS ends them.
+    retries = models.PositiveIntegerField(default=0)
+    # Written by the database's clock only (Now()), so staleness never compares two machines'.
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    # When a task for the dataset was sent and no worker has taken it yet: it is busy then too.
+    queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created"]
@@ -141,12 +154,32 @@ class Dataset(Owned):
 
     @property
     def is_busy(self) -> bool:
-        return self.status in (self.Status.IMPORTING, self.Status.PREPROCESSING)
+        """A step runs, or a task for one waits in the queue (so the page keeps polling)."""
+        return self.status in self.WORKING or self.queued_at is not None
+
+    def held_out_speakers(self) -> list[str]:
+        """Names of the speakers kept out of training (scored as unseen voices), sorted."""
+        return sorted(self.speakers.filter(held_out=True).values_list("name", flat=True))
+
+    def clips_by_speaker(self) -> dict[str, list[tuple[str, str]]]:
+        """Speaker -> (split, audio file) of each usable clip, in a stable order: what the
+        scores clone voices from and compare them with."""
+        clips: dict[str, list[tuple[str, str]]] = {}
+        rows = (
+            self.utterances.filter(usable=True, speaker__isnull=False)
+            .exclude(audio_path="")
+            .order_by("item_id")
+            .values_list("speaker__name", "split", "audio_path")
+        )
+        for name, split, path in rows:
+            clips.setdefault(name, []).append((split, path))
+        return clips
 
     def set_progress(
         self, fraction: float, eta_seconds: float | None = None, message: str = ""
     ) -> None:
-        """Write progress without touching other fields a concurrent writer may own."""
+        """Write progress without touching other fields a concurrent writer may own; a claimed
+        attempt writes (and beats) only while it still holds the dataset."""
         fields = {
             "progress": max(0.0, min(1.0, fraction)),
             "eta_seconds": eta_seconds,
@@ -154,9 +187,102 @@ class Dataset(Owned):
         }
         if message:
             fields["status_message"] = message
-        Dataset.objects.filter(pk=self.pk).update(**fields)
+        if self.worker and self.status in self.WORKING:
+            self.claimed().update(**fields, heartbeat=Now())
+        else:
+            Dataset.objects.filter(pk=self.pk).update(**fields)
         for k, v in fields.items():
             setattr(self, k, v)
+
+    # -- the claim and heartbeat of the task working on the dataset (the same idea as Run's)
+
+    def claimed(self) -> models.QuerySet:
+        return Dataset.objects.filter(
+            pk=self.pk, worker=self.worker, attempts=self.attempts, status__in=self.WORKING
+        )
+
+    def beat(self) -> bool:
+        """Proof of life by the database's clock; False once the claim is gone."""
+        return bool(self.claimed().update(heartbeat=Now()))
+
+    def owner_gone(self, host: str) -> bool:
+        """Is the task that holds this dataset certainly gone? (see studio.workers)"""
+        age = workers.heartbeat_age(Dataset.objects.filter(pk=self.pk))
+        if age is None:
+            return True
+        return workers.owner_gone(self.worker, age, host, settings.STUDIO_DATASET_STALE_SECONDS)
+
+    def is_stale(self, host: str) -> bool:
+        """A step that lost its worker: the only busy state in which a retry is offered."""
+        return self.status in self.WORKING and self.queued_at is None and self.owner_gone(host)
+
+    def mark_queued(self) -> None:
+        Dataset.objects.filter(pk=self.pk).update(queued_at=Now())
+        self.queued_at = timezone.now()  # a marker here; the row holds the database's time
+
+    @classmethod
+    def claim(cls, dataset_id: int, step: str, ident: str, host: str) -> tuple[Dataset | None, str]:
+        """Take the dataset's `step` ("import" or "preprocess") for the worker process `ident`,
+        or say why not: (dataset or None, how); how is "start" or "resume" when claimed."""
+        due, working = {
+            "import": ((cls.Status.NEW, cls.Status.IMPORTING), cls.Status.IMPORTING),
+            "preprocess": (
+                (cls.Status.IMPORTED, cls.Status.PREPROCESSING),
+                cls.Status.PREPROCESSING,
+            ),
+        }[step]
+        with transaction.atomic():
+            dataset = cls.objects.select_for_update().filter(pk=dataset_id).first()
+            if dataset is None:
+                return None, "gone"
+            if dataset.status not in due:
+                # A stray or repeated message: nothing waits in the queue for this dataset now.
+                cls.objects.filter(pk=dataset.pk).update(queued_at=None)
+                return None, f"not due: {dataset.status}"
+            if dataset.status == working and dataset.worker and not dataset.owner_gone(host):
+                return None, f"busy: {dataset.worker}"  # a live attempt holds it
+            how = "start"
+            if dataset.status == working:
+                # The step began before and its worker vanished (killed, out of memory).
+                how = "resume"
+                dataset.retries += 1
+                limit = settings.STUDIO_MAX_ATTEMPTS
+                if dataset.retries >= limit:
+                    reason = (
+                        f"Gave up after {limit} attempts in a row at the {step} step that ended "
+                        "with the worker gone; the files may need more memory than the worker "
+                        "has. Press Retry to try again."
+                    )
+                    cls.objects.filter(pk=dataset.pk).update(
+                        status=cls.Status.FAILED,
+                        status_message=reason,
+                        retries=dataset.retries,
+                        eta_seconds=None,
+                        queued_at=None,
+                        worker="",
+                        updated=timezone.now(),
+                    )
+                    return None, "failed: " + reason
+            else:
+                dataset.retries = 0  # a fresh step: a fresh budget of automatic attempts
+            dataset.status = working
+            dataset.worker = ident
+            dataset.attempts += 1
+            dataset.heartbeat = Now()
+            dataset.queued_at = None
+            dataset.save(
+                update_fields=[
+                    "status",
+                    "worker",
+                    "attempts",
+                    "retries",
+                    "heartbeat",
+                    "queued_at",
+                    "updated",
+                ]
+            )
+            dataset.refresh_from_db(fields=["heartbeat"])
+            return dataset, how
 
 
 class Speaker(Timestamped):
@@ -168,6 +294,11 @@ class Speaker(Timestamped):
     n_utterances = models.PositiveIntegerField(default=0)
     total_seconds = models.FloatField(default=0.0)
     embedding = models.JSONField(null=True, blank=True, help_text="Mean 256-d speaker embedding.")
+    # Kept out of training so the scores can clone a voice the model never heard (issue 14).
+    held_out = models.BooleanField(
+        default=False,
+        help_text="Never trained on: scored as an unseen voice, cloned from 3 of its clips.",
+    )
 
     class Meta:
         ordering = ["dataset", "name"]
@@ -189,6 +320,17 @@ class Utterance(Timestamped):
         VAL = "val", "Validation"
         NONE = "", "Not used"
 
+    class Verdict(models.TextChoices):
+        KEEP = "keep", "Keep"
+        REVIEW = "review", "Review"
+        DROP = "drop", "Drop"
+        UNJUDGED = "", "Not judged"
+
+    class Decision(models.TextChoices):
+        KEEP = "keep", "Kept by a person"
+        DROP = "drop", "Dropped by a person"
+        NONE = "", "No decision"
+
     owner_lookup = "dataset__owner"
     objects = OwnedQuerySet.as_manager()
 
@@ -206,6 +348,28 @@ class Utterance(Timestamped):
         default=True, db_index=True, help_text="False when a problem dropped it."
     )
     problems = models.JSONField(default=list, blank=True, help_text="[{code, message, severity}]")
+    # The quality gate (training.clip_quality): its verdict, reasons in words and scores from
+    # the last preprocessing, and a person's review decision, which wins at the next one.
+    verdict = models.CharField(
+        max_length=8, choices=Verdict.choices, default=Verdict.UNJUDGED, blank=True
+    )
+    verdict_reasons = models.JSONField(default=list, blank=True, help_text="[{code, message}]")
+    quality = models.JSONField(default=dict, blank=True, help_text="the clip's quality scores")
+    badness = models.FloatField(default=0.0, help_text="review queue order: higher is worse")
+    review_decision = models.CharField(
+        max_length=8, choices=Decision.choices, default=Decision.NONE, blank=True
+    )
+    reviewed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="reviewed_utterances",
+    )
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    original_text = models.TextField(
+        blank=True, help_text="the transcript as imported, kept when a review edits it"
+    )
 
     class Meta:
         ordering = ["dataset", "item_id"]
@@ -223,6 +387,30 @@ class Utterance(Timestamped):
     @property
     def problem_codes(self) -> list[str]:
         return [p.get("code", "") for p in self.problems]
+
+    def review(self, user, decision: str = "", text: str | None = None) -> None:
+        """A person's decision on a clip in the review queue, recorded with who and when.
+
+        `decision` is "keep" or "drop" (or "" to leave it); a new `text` replaces the
+        transcript, the imported one kept in `original_text`. Both take effect at the next
+        preprocessing, which redoes only the clips whose transcript changed.
+        """
+        if decision not in ("", self.Decision.KEEP, self.Decision.DROP):
+            raise ValidationError(f"unknown review decision {decision!r}")
+        fields = ["reviewed_by", "reviewed_at", "updated"]
+        if decision:
+            self.review_decision = decision
+            fields.append("review_decision")
+        if text is not None and text.strip() != self.text:
+            if not text.strip():
+                raise ValidationError("a transcript cannot be empty; drop the clip instead")
+            if not self.original_text:
+                self.original_text = self.text
+            self.text = text.strip()
+            fields += ["text", "original_text"]
+        self.reviewed_by = user
+        self.reviewed_at = timezone.now()
+        self.save(update_fields=fields)
 
 
 # --------------------------------------------------------------------------- training configs
@@ -392,6 +580,15 @@ SCORE_TASK = "runs.score_checkpoint"
 SCORE_QUEUE = "cpu"
 # A "queued" score older than this is taken as lost (no cpu worker took it): it may be asked again.
 SCORE_QUEUED_STALE_SECONDS = 15 * 60
+# Processes (one per GPU, or gloo processes on a CPU) that one run may train on: one machine's
+# worth; more machines go through torchrun's rendezvous by hand (README, "Scaling out").
+RANKS_RANGE = (1, 8)
+
+
+def validate_ranks(value: int) -> None:
+    low, high = RANKS_RANGE
+    if not low <= value <= high:
+        raise ValidationError(f"ranks must be between {low} and {high} (got {value}).")
 
 
 class Run(Owned):
@@ -434,6 +631,12 @@ class Run(Owned):
     )
     # The config as it was when the run was created: editing a config never changes a run.
     config_snapshot = models.JSONField(default=dict)
+    ranks = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[validate_ranks],
+        help_text="Processes the run trains on (DDP through torchrun): one per GPU of the "
+        "worker that takes it; 1 trains in the worker itself.",
+    )
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True
     )

@@ -188,6 +188,19 @@ STUDIO_DATASET_STALE_SECONDS = env_float("STUDIO_DATASET_STALE_SECONDS", 300)
 # Feature-extraction processes (only where the cpu worker may fork: `--pool solo`); 0 = half
 # the cores.
 STUDIO_PREPROCESS_WORKERS = env_int("STUDIO_PREPROCESS_WORKERS", 0)
+# A corpus of more utterances than this is split into parts that every cpu worker shares
+# (a Celery group; studio.datasets.parts); 0 keeps it in one task.
+STUDIO_PREPROCESS_PART_ITEMS = env_int("STUDIO_PREPROCESS_PART_ITEMS", 2000)
+# Which English clips the quality gate's recogniser (pocketsphinx) hears: "inconclusive" (those
+# the cheap scores leave in doubt; keeps preprocessing near its old cost), "all" (catches more
+# mismatched transcripts, ~2x the preprocessing time) or "off".
+STUDIO_QUALITY_ASR = os.environ.get("STUDIO_QUALITY_ASR", "inconclusive")
+if STUDIO_QUALITY_ASR not in ("inconclusive", "all", "off"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        f"STUDIO_QUALITY_ASR must be inconclusive, all or off, not {STUDIO_QUALITY_ASR!r}"
+    )
 STUDIO_RUNS_DIR = MEDIA_ROOT / "runs"
 STUDIO_DATASETS_DIR = MEDIA_ROOT / "datasets"
 

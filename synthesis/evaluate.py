@@ -18,13 +18,14 @@ scores differently through Griffin-Lim and through HiFi-GAN.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchaudio
+
+from training.text import word_error_rate, words  # noqa: F401 (scores and benches use them from here)
 
 N_CEPSTRA = 24
 ASR_SAMPLE_RATE = 16000
@@ -107,28 +108,6 @@ def transcribe(wav: np.ndarray, sr: int) -> str:
     return Recogniser.transcribe(wav, sr)
 
 
-def words(text: str) -> list[str]:
-    """Lower-case words with punctuation dropped, numbers spelled out by the English normaliser."""
-    from training.text import normalize
-
-    text = normalize(text, "en").lower()
-    return re.findall(r"[a-z]+(?:'[a-z]+)?", text)
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, by edit distance over words."""
-    ref, hyp = words(reference), words(hypothesis)
-    if not ref:
-        raise ValueError("the reference text has no words")
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / len(ref)
-
-
 def real_time_factor(seconds_spent: float, audio_seconds: float) -> float:
     if audio_seconds <= 0:
         raise ValueError("no audio was produced")
@@ -193,41 +172,151 @@ def joined_clips(clips: list, sr: int, gap_s: float = 0.3) -> tuple[int, np.ndar
     return sr, joined[: int(MAX_SECONDS * sr)]
 
 
+# --------------------------------------------------------------------------- which scorer runs
+
+# What each score needs beyond torch: checked before scoring, so a missing wheel turns into a
+# named gap on the run page ("skipped": {score: reason}) rather than a failed checkpoint.
+SCORER_MODULES = {
+    "secs": ("resemblyzer", "speaker similarity needs the 'resemblyzer' package"),
+    "wer": ("pocketsphinx", "the word error rate needs the 'pocketsphinx' package"),
+    "mcd": ("librosa", "MCD needs 'librosa' (its DTW)"),
+}
+
+
+def missing_scorers(language: str = "en") -> dict[str, str]:
+    """score -> why it cannot be made here (an empty dict when every scorer is installed)."""
+    import importlib.util
+
+    from synthesis.quality import dnsmos_available
+
+    gaps = {
+        name: reason
+        for name, (module, reason) in SCORER_MODULES.items()
+        if importlib.util.find_spec(module) is None
+    }
+    if language != "en" and "wer" not in gaps:
+        gaps["wer"] = f"pocketsphinx ships an English model only; this dataset is {language!r}"
+    if not dnsmos_available():
+        gaps["dnsmos"] = "DNSMOS needs the 'speechmos' and 'onnxruntime' packages"
+    return gaps
+
+
+# --------------------------------------------------------------------------- the checkpoint's score
+
+# One number per checkpoint, to pick the one to keep, from free-running synthesis only (the
+# validation loss is teacher-forced: true durations and pitch, so it never sees the predictors).
+# Every term is on 0-1, higher is better; the score is the mean of the terms that were made:
+#   SECS seen (cosine), unseen normalised SECS clipped to 0-1, 1 - WER clipped to 0-1, and
+#   (DNSMOS OVRL - 1) / 4.
+QUALITY_FORMULA = (
+    "quality = mean of the scores made of: SECS seen; normalised unseen SECS, clipped to 0-1; "
+    "1 − WER, clipped to 0-1; (DNSMOS OVRL − 1) / 4"
+)
+
+
+def quality_score(scores: dict) -> float | None:
+    """The documented QUALITY_FORMULA of a scores dict; None when no term was made."""
+
+    def clip01(x: float) -> float:
+        return min(1.0, max(0.0, float(x)))
+
+    terms = []
+    if scores.get("secs_seen") is not None:
+        terms.append(clip01(scores["secs_seen"]))
+    if scores.get("normalised_secs_unseen") is not None:
+        terms.append(clip01(scores["normalised_secs_unseen"]))
+    if scores.get("wer_output") is not None:
+        terms.append(1.0 - clip01(scores["wer_output"]))
+    if scores.get("dnsmos_ovrl") is not None:
+        terms.append(clip01((scores["dnsmos_ovrl"] - 1.0) / 4.0))
+    return float(np.mean(terms)) if terms else None
+
+
+# Two sentences are enough to compare a checkpoint with its base, and keep scoring quick.
+FEW_SHOT_TEXTS = (
+    "The old lighthouse keeper counted seven ships before the storm arrived.",
+    "Please remember to water the tomatoes on Thursday morning.",
+)
+
+
+def speaker_secs(synth, reference_clips: list, target_clips: list, texts) -> dict:
+    """How close a checkpoint's output comes to one speaker: conditioned on `reference_clips`
+    joined, compared with the mean embedding of `target_clips` (disjoint from the reference;
+    for a fine-tune, clips it never trained on). The ceiling is each reference clip against the
+    same target, as in synthesis.cloning."""
+    from synthesis.cloning import clip_embedding
+    from synthesis.reference_clips import embed_references
+    from training.speaker_embedding import embed_speech, mean_embedding
+
+    if not reference_clips or not target_clips:
+        raise ValueError("need at least one reference clip and one other clip to compare with")
+    target = mean_embedding([clip_embedding(p) for p in target_clips])
+    conditioning = embed_references(joined_clips(list(reference_clips), synth.sample_rate))
+    outputs = [synth.synthesize(text, conditioning) for text in texts]
+    return {
+        "secs": float(
+            np.mean([secs(embed_speech(o.audio, o.sample_rate), target) for o in outputs])
+        ),
+        "ceiling": float(np.mean([secs(clip_embedding(p), target) for p in reference_clips])),
+        "n_reference": len(reference_clips),
+        "n_targets": len(target_clips),
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     cache_dir: str | Path,
     n_utterances: int = 8,
     device: str = "cpu",
     held_out: dict[str, list] | None = None,
-    held_out_text: str = "The quick brown fox jumps over the lazy dog.",
+    floor_clips: dict[str, list] | None = None,
     vocoder: str | None = None,
+    language: str = "en",
+    unseen_texts=None,
+    speaker_check: dict | None = None,
 ) -> dict:
-    """Score a checkpoint on held-out (validation) utterances of its feature cache.
+    """Score a checkpoint: free-running synthesis of validation utterances, and clones of
+    speakers it never heard.
 
-    `held_out` maps speakers the model never saw to a few of their clips, joined into one
-    cloning reference (corpus clips are often shorter than the 3 s a reference needs); SECS is
-    the output against that reference, as for seen speakers it is the output against the real
-    recording of the same sentence.
-    `vocoder` is a name for synthesis.vocoders.load_vocoder (None: the default vocoder).
-    Returns a plain dict (JSON-ready) with means and the per-utterance rows.
+    `held_out` maps held-out speakers to all their clips (audio files); synthesis.cloning
+    clones each from 3 of them and compares the output with their *other* clips, beside a
+    ceiling and a floor (`floor_clips`: real clips of other speakers; None: the other held-out
+    speakers). `speaker_check` ({"speaker", "reference", "targets"}) adds speaker_secs for one
+    voice (the few-shot fine-tune's before/after). `vocoder` is a name for
+    synthesis.vocoders.load_vocoder (None: the default vocoder). A scorer that is not installed
+    is skipped, its reason in "skipped". Returns a plain dict (JSON-ready) with means and the
+    per-utterance rows.
     """
     from synthesis.engine import Synthesizer
     from synthesis.quality import QualityUnavailable, dnsmos
-    from synthesis.reference_clips import embed_references, seen_speaker_embedding
+    from synthesis.reference_clips import seen_speaker_embedding
+    from training.audio import load_audio
 
     cache_dir = Path(cache_dir)
     records = [
         json.loads(line) for line in (cache_dir / "items.jsonl").read_text().splitlines() if line
     ]
-    val = [r for r in records if r.get("split") == "val"] or records
+    skipped = missing_scorers(language)
     synth = Synthesizer(checkpoint, device, vocoder=vocoder)
+    # Speakers a run held out are not scored as seen voices: the model never trained on them.
+    # A validation split with none of the others (tiny corpora) falls back to their training
+    # utterances.
+    seen = [r for r in records if r.get("speaker") not in (held_out or {})] or records
+    val = [r for r in seen if r.get("split") == "val"] or seen
     gt_vocoder = synth.vocoder
 
     def predicted_mos(wav: np.ndarray) -> float | None:
+        if "dnsmos" in skipped:
+            return None
         try:
             return dnsmos(wav, synth.sample_rate).ovrl
         except (QualityUnavailable, ValueError):
             return None  # missing wheel, or a clip too short to judge: no score, not a failure
+
+    def wer(text: str, wav: np.ndarray) -> float | None:
+        if "wer" in skipped:
+            return None
+        return word_error_rate(text, transcribe(wav, synth.sample_rate))
 
     rows = []
     for rec in _pick_utterances(val, n_utterances):
@@ -240,30 +329,32 @@ def evaluate_checkpoint(
             target = real_emb
         out = synth.synthesize(rec["text"], target)
         vocoded = gt_vocoder(gt_mel)
+        # The WER ground truth is the real recording, whose path the feature cache keeps.
         audio_path = rec.get("audio_path")
         if audio_path and Path(audio_path).is_file():
-            from training.audio import load_audio
-
             gt_wav, gt_kind = load_audio(audio_path, synth.sample_rate)[0].numpy(), "recording"
         else:
-            # The cache keeps features, not audio: the ground truth is then its own mel through
-            # the same vocoder, which also takes the vocoder's share out of the comparison.
+            # An older cache without the path: the ground truth's own mel through the same
+            # vocoder, which also takes the vocoder's share out of the comparison.
             gt_wav, gt_kind = vocoded, "vocoded_ground_truth_mel"
+        with_secs = "secs" not in skipped
         rows.append(
             {
                 "id": rec["id"],
                 "speaker": rec["speaker"],
                 "text": rec["text"],
-                "secs": secs(embed_audio(out.audio, out.sample_rate), real_emb),
+                "secs": secs(embed_audio(out.audio, out.sample_rate), real_emb)
+                if with_secs
+                else None,
                 # What the vocoder alone costs: the ground truth's own mel, vocoded, vs the recording.
-                "secs_vocoded_ground_truth": secs(
-                    embed_audio(vocoded, synth.sample_rate), real_emb
-                ),
-                "mcd_db": mel_cepstral_distortion(gt_mel, out.mel),
-                "wer_output": word_error_rate(rec["text"], transcribe(out.audio, out.sample_rate)),
-                "wer_ground_truth": word_error_rate(
-                    rec["text"], transcribe(gt_wav, synth.sample_rate)
-                ),
+                "secs_vocoded_ground_truth": secs(embed_audio(vocoded, synth.sample_rate), real_emb)
+                if with_secs
+                else None,
+                "mcd_db": mel_cepstral_distortion(gt_mel, out.mel)
+                if "mcd" not in skipped
+                else None,
+                "wer_output": wer(rec["text"], out.audio),
+                "wer_ground_truth": wer(rec["text"], gt_wav),
                 "ground_truth": gt_kind,
                 "dnsmos_ovrl": predicted_mos(out.audio),
                 "dnsmos_ovrl_ground_truth": predicted_mos(gt_wav),
@@ -271,19 +362,42 @@ def evaluate_checkpoint(
                 "audio_s": out.duration_s,
             }
         )
-    unseen = []
-    for name, clips in (held_out or {}).items():
-        reference = embed_references(joined_clips(clips, synth.sample_rate))
-        out = synth.synthesize(held_out_text, reference)
-        unseen.append(
-            {"speaker": name, "secs": secs(embed_audio(out.audio, out.sample_rate), reference)}
-        )
 
     def mean(key, items=rows):
         values = [r[key] for r in items if r.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    return {
+    unseen: dict = {}
+    if "secs" in skipped:
+        skipped.setdefault("secs_unseen", skipped["secs"])
+    elif not held_out:
+        skipped["secs_unseen"] = "no speaker is held out (mark some on the dataset page)"
+    else:
+        from synthesis.cloning import DEFAULT_TEXTS, clone_scores
+
+        try:
+            unseen = clone_scores(
+                synth,
+                held_out,
+                texts=unseen_texts or DEFAULT_TEXTS,
+                floor_clips=floor_clips,
+                transcribe="wer" not in skipped,
+            )
+        except ValueError as exc:  # too few clips, no other speaker for the floor
+            skipped["secs_unseen"] = str(exc)
+    check = None
+    if speaker_check and "secs" not in skipped:
+        check = dict(
+            speaker_secs(
+                synth,
+                speaker_check["reference"],
+                speaker_check["targets"],
+                unseen_texts or FEW_SHOT_TEXTS,
+            ),
+            speaker=speaker_check["speaker"],
+        )
+
+    scores = {
         "checkpoint": str(checkpoint),
         "step": synth.loaded.step,
         "size": synth.loaded.size,
@@ -291,9 +405,15 @@ def evaluate_checkpoint(
         "vocoder": synth.vocoder.name,
         "n_utterances": len(rows),
         "secs_seen": mean("secs"),
-        "secs_unseen": mean("secs", unseen),
         "secs_vocoded_ground_truth": mean("secs_vocoded_ground_truth"),
-        **real_clip_similarity(cache_dir),
+        **(real_clip_similarity(cache_dir) if "secs" not in skipped else {}),
+        # Unseen voices (synthesis.cloning): output vs the speaker's *other* clips.
+        "secs_unseen": unseen.get("secs_unseen"),
+        "secs_unseen_ceiling": unseen.get("ceiling"),
+        "secs_unseen_floor": unseen.get("floor"),
+        "normalised_secs_unseen": unseen.get("normalised_secs_unseen"),
+        "wer_unseen": unseen.get("wer_unseen"),
+        "unseen_speakers": [s["speaker"] for s in unseen.get("speakers", [])],
         "mcd_db": mean("mcd_db"),
         "wer_output": mean("wer_output"),
         "wer_ground_truth": mean("wer_ground_truth"),
@@ -301,9 +421,14 @@ def evaluate_checkpoint(
         "dnsmos_ovrl_ground_truth": mean("dnsmos_ovrl_ground_truth"),
         "ground_truth": rows[0]["ground_truth"] if rows else None,
         "rtf": mean("rtf"),
+        "skipped": skipped,
         "utterances": rows,
-        "unseen": unseen,
+        "unseen": unseen.get("speakers", []),
     }
+    if check is not None:
+        scores["speaker_check"] = check
+    scores["quality"] = quality_score(scores)
+    return scores
 
 
 def main() -> None:
@@ -327,9 +452,6 @@ def main() -> None:
         metavar="NAME=GLOB",
         help="a speaker the model never saw and a glob of their clips, e.g. fam1='corpus/wavs/fam1_*.flac'",
     )
-    parser.add_argument(
-        "--clips", type=int, default=3, help="clips per held-out speaker joined into the reference"
-    )
     args = parser.parse_args()
     from synthesis.engine import configure_cpu_threads
 
@@ -337,7 +459,7 @@ def main() -> None:
     held_out = {}
     for spec in args.held_out:
         name, _, pattern = spec.partition("=")
-        held_out[name] = sorted(glob.glob(pattern))[: args.clips]
+        held_out[name] = sorted(glob.glob(pattern))  # 3 clone the voice, the others judge it
     print(
         json.dumps(
             evaluate_checkpoint(

@@ -7,8 +7,6 @@ is the script's rendering (the server-rendered rows are checked in test_scores.p
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from studio.models import Checkpoint
@@ -21,14 +19,7 @@ browser = test_e2e_runs.browser
 live_studio = test_e2e_runs.live_studio
 trained_checkpoint = test_scores.trained_checkpoint
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        not Path(test_e2e_runs.CHROMIUM).exists(),
-        reason=f"Chromium not found at {test_e2e_runs.CHROMIUM}",
-    ),
-]
+pytestmark = test_e2e_runs.pytestmark
 
 
 @pytest.fixture
@@ -87,3 +78,53 @@ def test_score_button_fills_the_row_live(rows, start_worker, live_studio, browse
     page.locator("#checkpoints").screenshot(
         path=str(test_e2e_runs.OUTPUT / "checkpoint-scores.png")
     )
+
+
+@pytest.fixture
+def quality_run(user, trained_checkpoint):
+    """Three scored checkpoints and their score points (made before the browser's event loop
+    runs: the ORM is not for async contexts)."""
+    from studio.models import MetricPoint
+
+    run = tiny_run(user)
+    for step, quality in ((2, 0.41), (4, 0.52), (6, 0.47)):
+        MetricPoint.record(run.pk, step, {"val/mel": 1.0 / step, "score/quality": quality})
+        MetricPoint.record(run.pk, step, {"score/mcd_db": 9.0 - step / 2})
+        Checkpoint.objects.create(
+            run=run,
+            step=step,
+            path=str(trained_checkpoint),
+            scores=dict(
+                test_scores.DONE,
+                quality=quality,
+                normalised_secs_unseen=0.33,
+                skipped={"dnsmos": "DNSMOS needs the 'speechmos' and 'onnxruntime' packages"},
+            ),
+        )
+    return run
+
+
+def test_quality_by_step_is_drawn_beside_the_losses(quality_run, live_studio, browser):
+    run_url = live_studio + quality_run.get_absolute_url()
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(run_url)
+    page.fill("input[name=username]", "alice")
+    page.fill("input[name=password]", "alice-pass-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(run_url)
+    wait_until(lambda: page.inner_text("#conn-state") == "live", 30, message="the socket")
+    wait_until(
+        lambda: page.get_attribute("#chart-quality", "data-points") == "3",
+        30,
+        message="three quality points on the chart",
+    )
+    assert page.get_attribute("#chart-mcd", "data-points") == "3"
+    assert "step 4" in page.inner_text("#best-quality")
+    # The rows as the script redraws them from the history carry the new scores too.
+    row = page.locator("#checkpoints tr").first.inner_text()
+    assert "Q 0.470" in row and "unseen 0.33" in row and "dnsmos skipped: DNSMOS needs" in row
+    assert not errors, errors
+    test_e2e_runs.OUTPUT.mkdir(exist_ok=True)
+    page.locator("#charts").screenshot(path=str(test_e2e_runs.OUTPUT / "quality-by-step.png"))

@@ -208,6 +208,8 @@ def test_old_keyword_call_alone_works():
 
 def test_keywords_and_defaults_are_the_loss_configs():
     loss_fn = TTSLoss(**dataclasses.asdict(LossConfig()))
+    cfg = LossConfig()
+    loss_fn.set_step(cfg.bin_loss_start_step + cfg.bin_loss_ramp_steps)  # past the bin ramp
     assert loss_fn.weights == {
         "mel": 2.5,
         "duration": 1.0,
@@ -444,3 +446,19 @@ def test_hold_report_skips_cooling_after_a_decision():
     assert len(loss_fn.controller.decisions) == 4
     assert loss_fn.controller.holds["cooling"] > 0
     assert all(r is None for r in reports)
+
+
+def test_the_binarisation_term_ramps_in_after_the_aligner_settles():
+    loss_fn = TTSLoss(bin_loss_weight=0.2, bin_loss_start_step=100, bin_loss_ramp_steps=200)
+    seen = {}
+    for step in (0, 99, 100, 200, 300, 5000):
+        loss_fn.set_step(step)
+        seen[step] = loss_fn.weights["bin"]
+    assert seen[0] == seen[99] == seen[100] == 0.0
+    assert seen[200] == pytest.approx(0.1)
+    assert seen[300] == seen[5000] == pytest.approx(0.2)
+    # The other weights do not move with it.
+    assert loss_fn.weights["align"] == 1.0
+    # Built without a ramp (code, old stored configs), the term is on from the first step.
+    plain = TTSLoss(bin_loss_weight=0.2)
+    assert plain.weights["bin"] == 0.2

@@ -1,5 +1,7 @@
 """Shapes, masks and inference controls of the acoustic model on random tiny batches."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -7,8 +9,11 @@ from training.model import (
     MODEL_SIZES,
     ModelConfig,
     TTSModel,
+    WeightAverage,
     average_over_durations,
     count_parameters,
+    is_conditioning_key,
+    load_model_weights,
     regulate_length,
 )
 
@@ -123,9 +128,15 @@ def test_every_part_gets_a_gradient():
     )
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    # The padding row of the embedding is the only one that must never learn.
-    assert missing == []
+    # The padding row of the embedding is the only one that must never learn; the shared
+    # speaker layer sits behind zero-initialised norm conditioners, so it learns from step 2.
+    assert [n for n in missing if not n.startswith("speaker_cond.")] == []
     assert model.embed.weight.grad[0].abs().sum() == 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    out = model(make_batch())
+    (out["mel_pred"] - out["mel_target"]).abs().mean().backward()
+    assert all(p.grad.abs().sum() > 0 for p in model.speaker_cond.parameters())
 
 
 def test_token_averages_over_hard_durations():
@@ -185,7 +196,7 @@ def test_bf16_autocast_keeps_float32_outputs():
 
 def test_sizes_grow_and_config_round_trips():
     counts = [count_parameters(TTSModel(MODEL_SIZES[s], N_SYMBOLS)) for s in ("tiny", "small")]
-    assert 0.4e6 < counts[0] < 1.2e6 and 2e6 < counts[1] < 8e6
+    assert 0.4e6 < counts[0] < 1.5e6 and 2e6 < counts[1] < 8e6
     cfg = MODEL_SIZES["normal"]
     assert ModelConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
 
@@ -193,3 +204,132 @@ def test_sizes_grow_and_config_round_trips():
 def test_too_few_frames_is_refused_clearly():
     with pytest.raises(ValueError, match="at least one frame per token"):
         tiny_model()(make_batch(token_lens=(5,), mel_lens=(4,)))
+
+
+# ---------------------------------------------------------------------- speaker conditioning
+
+
+def add_only_model(seed=0):
+    torch.manual_seed(seed)
+    return TTSModel(replace(MODEL_SIZES["tiny"], speaker_conditioning="add"), N_SYMBOLS)
+
+
+def test_conditional_norms_start_as_plain_layer_norms():
+    """An old checkpoint (speaker added once, no conditional norms) loads into today's model
+    with the new weights at identity, and speaks exactly as before."""
+    old = add_only_model().eval()
+    state = old.state_dict()
+    assert not any(is_conditioning_key(k) for k in state)
+    new = tiny_model(seed=1).eval()
+    filled = load_model_weights(new, state)
+    assert filled and all(is_conditioning_key(k) for k in filled)
+    assert any(".cond." in k for k in filled) and any(k.startswith("speaker_cond.") for k in filled)
+    batch = make_batch()
+    with torch.no_grad():
+        old.duration_predictor.proj.bias.fill_(2.0)
+        new.duration_predictor.proj.bias.fill_(2.0)
+    a = old.infer(batch["tokens"], batch["token_lens"], batch["spk_emb"])
+    b = new.infer(batch["tokens"], batch["token_lens"], batch["spk_emb"])
+    assert torch.equal(a["durations"], b["durations"])
+    assert torch.allclose(a["mel"], b["mel"], atol=1e-5)
+
+
+def test_weights_missing_elsewhere_are_still_an_error():
+    state = add_only_model().state_dict()
+    del state["mel_out.weight"]
+    with pytest.raises(RuntimeError, match=r"missing key.*mel_out.weight"):
+        load_model_weights(tiny_model(), state)
+    state = tiny_model().state_dict()
+    state["decoder.blocks.0.extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="unexpected key"):
+        load_model_weights(tiny_model(), state)
+
+
+def test_the_voice_reaches_the_decoder_and_every_predictor():
+    """With the additive encoder path switched off, the speaker still changes durations,
+    pitch, energy and the mel, through the conditional norms alone."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.speaker_proj.weight.zero_()
+        model.speaker_proj.bias.zero_()
+        model.duration_predictor.proj.bias.fill_(2.0)
+        for name, p in model.named_parameters():
+            if ".cond." in name and name.endswith("weight"):
+                p.normal_(0, 0.1)
+    batch = make_batch()
+    spk_a = batch["spk_emb"]
+    spk_b = spk_a.roll(1, dims=0)
+    frames = int(batch["mel_lens"].max())
+    durations = torch.full_like(batch["tokens"], 2) * (batch["tokens"] > 0)
+    text_mask = batch["tokens"] > 0
+
+    def parts(spk):
+        cond = model.speaker_condition(spk)
+        _, enc = model.encode(batch["tokens"], text_mask, spk, cond)
+        dec = model.decode(enc, durations, max_len=frames, cond=cond)[0]
+        preds = [
+            p(enc, text_mask, cond)
+            for p in (model.duration_predictor, model.pitch_predictor, model.energy_predictor)
+        ]
+        return [dec, *preds]
+
+    with torch.no_grad():
+        for x, y in zip(parts(spk_a), parts(spk_b), strict=True):
+            assert not torch.allclose(x, y, atol=1e-4)
+    # The "add" layout has no conditional weights at all.
+    assert not any(is_conditioning_key(k) for k in add_only_model().state_dict())
+
+
+def test_an_unknown_conditioning_is_refused():
+    with pytest.raises(ValueError, match="speaker_conditioning must be"):
+        TTSModel(replace(MODEL_SIZES["tiny"], speaker_conditioning="film"), N_SYMBOLS)
+
+
+def test_an_old_checkpoint_still_synthesises(tmp_path):
+    from synthesis.engine import load_model
+    from training.checkpoint import save_checkpoint
+
+    old = add_only_model()
+    config = old.cfg.to_dict()
+    del config["speaker_conditioning"]  # written before the field existed
+    path = save_checkpoint(
+        tmp_path / "old.pt",
+        {
+            "model": old.state_dict(),
+            "model_config": config,
+            "size": "tiny",
+            "symbols": ["<pad>", *(chr(97 + i) for i in range(N_SYMBOLS - 1))],
+            "text": {"lang": "en", "backend": "chars"},
+            "speakers": {},
+        },
+    )
+    loaded = load_model(path, "cpu")
+    assert loaded.model.cfg.speaker_conditioning == "cln"
+    assert torch.equal(loaded.model.mel_out.weight, old.mel_out.weight)
+
+
+# ---------------------------------------------------------------------- weight average
+
+
+def test_the_weight_average_follows_the_weights_with_a_ramped_decay():
+    model = tiny_model()
+    ema = WeightAverage(model, decay=0.999)
+    start = model.mel_out.bias.detach().clone()
+    with torch.no_grad():
+        model.mel_out.bias.add_(1.0)
+    ema.update(model)
+    # First update: decay (1 + 1) / (10 + 1), not 0.999, so a short run is not stuck at init.
+    expected = start + (1 - 2 / 11) * 1.0
+    assert torch.allclose(ema.weights["mel_out.bias"], expected)
+    for _ in range(5000):
+        ema.update(model)
+    assert torch.allclose(ema.weights["mel_out.bias"], model.mel_out.bias, atol=1e-3)
+    state = ema.state_dict()
+    other = WeightAverage(tiny_model(seed=3), decay=0.999)
+    other.load_state_dict(state)
+    assert other.updates == 5001
+    assert torch.equal(other.weights["mel_out.bias"], ema.weights["mel_out.bias"])
+    ema.reset(tiny_model(seed=3))
+    assert ema.updates == 0
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(model, decay=1.0)

@@ -205,7 +205,7 @@ def _scores_in(msg: dict) -> dict[int, dict]:
 
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
-async def test_a_finished_run_scores_its_best_checkpoint_and_the_page_hears_it(
+async def test_every_checkpoint_of_a_run_is_scored_and_the_page_hears_it(
     user, celery_worker, tmp_path
 ):
     run = await sync_to_async(tiny_run)(user, steps=4, checkpoint_every=2, eval_every=4)
@@ -219,28 +219,39 @@ async def test_a_finished_run_scores_its_best_checkpoint_and_the_page_hears_it(
     await comm.receive_json_from(timeout=5)  # the history
     await sync_to_async(run.enqueue)()
 
-    async def until_scored(step: int) -> dict:
-        seen_pending = False
-        while True:
-            msg = await comm.receive_json_from(timeout=120)
+    async def until_scored(steps: set[int]) -> tuple[dict, dict]:
+        seen_pending: set[int] = set()
+        done: dict[int, dict] = {}
+        score_points: dict[int, dict] = {}
+        while set(done) != steps:
+            msg = await comm.receive_json_from(timeout=180)
             assert msg.get("status", {}).get("status") != "failed", msg["status"]["error"]
-            scores = _scores_in(msg).get(step, {})
-            seen_pending |= bool(scores.get("pending"))
-            if scores.get("state") in ("done", "error"):
-                assert seen_pending, "the row never said scoring…"
-                return scores
+            for p in msg.get("points", []):
+                if any(k.startswith("score/") for k in p["m"]):
+                    score_points[p["step"]] = p["m"]
+            for step, scores in _scores_in(msg).items():
+                if step not in steps or step in done:
+                    continue
+                if scores.get("pending"):
+                    seen_pending.add(step)
+                elif scores.get("state") in ("done", "error") and step in seen_pending:
+                    done[step] = scores
+        return done, score_points
 
-    best = await until_scored(4)
-    assert best["state"] == "done", best
-    assert "utterances" not in best  # the page gets the means; per-utterance rows stay stored
-    assert best["secs_seen"] is not None and best["mcd_db"] > 0 and best["rtf"] > 0
+    # Both checkpoints are queued as the trainer writes them, not only the best at the end.
+    done, points = await until_scored({2, 4})
+    for step, scores in done.items():
+        assert scores["state"] == "done", scores
+        assert "utterances" not in scores  # the page gets the means; the rows stay stored
+        assert scores["secs_seen"] is not None and scores["mcd_db"] > 0 and scores["rtf"] > 0
+        assert scores["quality"] is not None
+        assert points[step]["score/quality"] == pytest.approx(scores["quality"])
 
     def stored():
         run.refresh_from_db()
         assert run.status == Run.Status.SUCCEEDED, run.error
-        first = run.checkpoints.get(step=2)
-        assert run.checkpoints.get(step=4).is_best and first.scores == {}
-        return first
+        assert run.checkpoints.get(step=4).is_best
+        return run.checkpoints.get(step=2)
 
     first = await sync_to_async(stored)()
 
@@ -250,6 +261,152 @@ async def test_a_finished_run_scores_its_best_checkpoint_and_the_page_hears_it(
         return browser.post(f"/runs/checkpoints/{first.pk}/score/").status_code
 
     assert await sync_to_async(press_score)() == 302
-    on_demand = await until_scored(2)
-    assert on_demand["state"] == "done" and on_demand["n"] == settings.STUDIO_SCORE_UTTERANCES
+    again, _ = await until_scored({2})
+    assert again[2]["state"] == "done" and again[2]["n"] == settings.STUDIO_SCORE_UTTERANCES
     await comm.disconnect()
+
+
+# --------------------------------------------------------------------------- issue 14: every checkpoint
+
+
+@pytest.mark.django_db
+def test_unseen_voices_quality_and_the_points_of_the_chart(user, trained_checkpoint):
+    from studio.models import MetricPoint
+    from synthesis.evaluate import quality_score
+    from tests.test_heldout import dataset_with_rows
+
+    run = tiny_run(user, dataset=dataset_with_rows(user), held_out_speakers=["high"])
+    ckpt = checkpoint_row(run, trained_checkpoint)
+    assert score_checkpoint(ckpt.pk) == "done"
+    scores = fresh(ckpt)
+    # "high" is cloned from 3 of its clips and compared with its other 3, never with the
+    # conditioning clips; the floor is "low"'s real clips against "high".
+    assert scores["unseen_speakers"] == ["high"] and scores["unseen"][0]["floor_speakers"] == [
+        "low"
+    ]
+    unseen = scores["unseen"][0]
+    assert not set(unseen["reference_clips"]) & set(unseen["target_clips"])
+    for key in ("secs_unseen", "secs_unseen_ceiling", "secs_unseen_floor"):
+        assert -1.0 <= scores[key] <= 1.0, key
+    assert scores["normalised_secs_unseen"] == pytest.approx(
+        (scores["secs_unseen"] - scores["secs_unseen_floor"])
+        / (scores["secs_unseen_ceiling"] - scores["secs_unseen_floor"])
+    )
+    # Held-out voices are not scored as seen ones; the WER ground truth is the recording.
+    assert {u["speaker"] for u in scores["utterances"]} == {"low"}
+    assert scores["ground_truth"] == "recording"
+    assert 0.0 <= scores["quality"] <= 1.0 and scores["quality"] == quality_score(scores)
+    points = dict(
+        MetricPoint.objects.filter(run=run, step=ckpt.step, name__startswith="score/").values_list(
+            "name", "value"
+        )
+    )
+    assert points["score/quality"] == pytest.approx(scores["quality"])
+    assert points["score/normalised_secs_unseen"] == pytest.approx(scores["normalised_secs_unseen"])
+    assert {"score/secs_seen", "score/mcd_db", "score/rtf"} <= set(points)
+
+
+@pytest.mark.django_db
+def test_a_missing_scorer_is_skipped_with_its_reason(
+    client_user, user, trained_checkpoint, monkeypatch
+):
+    import synthesis.evaluate as evaluate
+
+    monkeypatch.setitem(
+        evaluate.SCORER_MODULES, "wer", ("no_such_recogniser_here", "WER needs a recogniser")
+    )
+    run = tiny_run(user)
+    ckpt = checkpoint_row(run, trained_checkpoint)
+    assert score_checkpoint(ckpt.pk) == "done"
+    scores = fresh(ckpt)
+    assert scores["wer_output"] is None and scores["wer_ground_truth"] is None
+    assert scores["skipped"]["wer"] == "WER needs a recogniser"
+    assert scores["skipped"]["secs_unseen"].startswith("no speaker is held out")
+    assert scores["secs_seen"] is not None and scores["quality"] is not None
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert "wer skipped: WER needs a recogniser" in page
+
+
+@pytest.mark.django_db
+def test_each_checkpoint_the_trainer_writes_is_queued_for_scoring(
+    user, trained_checkpoint, django_capture_on_commit_callbacks
+):
+    from studio import live
+    from studio.runs.callbacks import StudioCallbacks
+
+    run = tiny_run(user)
+    run.mark_running("worker@test:1")
+    publisher = live.Publisher(run.pk, rate=None)
+    try:
+        callbacks = StudioCallbacks(run, publisher)
+        with django_capture_on_commit_callbacks() as sent:
+            callbacks.on_checkpoint(str(trained_checkpoint), {"step": 2, "val_loss": 1.5})
+    finally:
+        publisher.close()
+    ckpt = run.checkpoints.get(step=2)
+    assert fresh(ckpt)["state"] == "queued" and len(sent) == 1  # the task, to the cpu queue
+
+
+@pytest.mark.django_db
+def test_the_page_names_the_checkpoint_to_keep_and_the_formula(
+    client_user, user, trained_checkpoint
+):
+    from synthesis.evaluate import QUALITY_FORMULA
+
+    run = tiny_run(user)
+    checkpoint_row(run, trained_checkpoint, step=2, scores=dict(DONE, quality=0.41))
+    checkpoint_row(run, trained_checkpoint, step=4, scores=dict(DONE, quality=0.52), is_best=True)
+    checkpoint_row(run, trained_checkpoint, step=6, scores=dict(DONE, quality=0.47))
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert "Best by quality: <strong>step 4</strong> (Q 0.520)" in page
+    assert QUALITY_FORMULA in page and "Q 0.410" in page
+    assert 'id="chart-quality"' in page and 'id="chart-mcd"' in page
+    assert "Overfitting" not in page
+
+
+def _series(run, name, values):
+    from studio.models import MetricPoint
+
+    for step, value in values:
+        MetricPoint.record(run.pk, step, {name: value})
+
+
+@pytest.mark.django_db
+def test_the_overfitting_flag_says_when_it_started(client_user, user):
+    from studio.runs.scores import overfitting
+
+    run = tiny_run(user)
+    _series(run, "val/mel", [(100, 1.0), (200, 0.8), (300, 0.85), (400, 0.9)])
+    _series(run, "loss/mel", [(s, 1.2 - s / 1000) for s in range(10, 410, 10)])
+    flag = overfitting(run)
+    assert flag["since"] == 300 and flag["best_step"] == 200 and flag["last_step"] == 400
+    assert flag["train_now"] < flag["train_then"]
+    page = client_user.get(run.get_absolute_url()).content.decode()
+    assert "Overfitting since step 300" in page
+
+
+@pytest.mark.django_db
+def test_no_flag_when_training_worsens_too_or_validation_recovers(user):
+    from studio.runs.scores import overfitting
+
+    both = tiny_run(user)
+    _series(both, "val/mel", [(100, 1.0), (200, 0.8), (300, 0.85), (400, 0.9)])
+    _series(both, "loss/mel", [(s, 0.5 + s / 1000) for s in range(10, 410, 10)])
+    assert overfitting(both) is None
+    noisy = tiny_run(user)
+    _series(noisy, "val/mel", [(100, 1.0), (200, 0.8), (300, 0.85), (400, 0.805)])
+    _series(noisy, "loss/mel", [(s, 1.2 - s / 1000) for s in range(10, 410, 10)])
+    assert overfitting(noisy) is None
+
+
+@pytest.mark.django_db
+def test_the_history_keeps_every_score_point_when_it_thins_the_rest(user):
+    from studio import live
+
+    run = tiny_run(user)
+    _series(run, "loss/total", [(s, 1.0) for s in range(1, 400)])
+    _series(run, "score/quality", [(7, 0.3), (13, 0.4)])
+    data = live.history(run, max_points=50)
+    assert data["downsampled"]
+    steps = {p["step"] for p in data["points"] if "score/quality" in p["m"]}
+    assert steps == {7, 13}

@@ -260,16 +260,33 @@ def test_synthesis_on_the_gpu_matches_the_cpu(trained):
 
 
 def test_evaluate_checkpoint_scores_held_out_utterances(trained, tmp_path):
-    clip, sr = espeak_speech(" ".join(SENTENCES[6:9]), "en-gb-scotland")
-    path = tmp_path / "unseen.wav"
-    sf.write(path, clip, sr)
+    # An unseen voice: 3 clips to clone it from, 2 others to compare with (synthesis.cloning),
+    # and another voice's clips for the floor.
+    def clips(voice: str, sentences: list[str]) -> list:
+        paths = []
+        for i, text in enumerate(sentences):
+            clip, sr = espeak_speech(text, voice)
+            paths.append(tmp_path / f"{voice}_{i}.wav")
+            sf.write(paths[-1], clip, sr)
+        return paths
+
+    held_out = {"gb": clips("en-gb-scotland", SENTENCES[5:10])}
+    floor = {"us": clips("en-us+m3", SENTENCES[:2])}
     scores = evaluate_checkpoint(
-        trained["checkpoint"], trained["cache"], n_utterances=2, held_out={"gb": [path]}
+        trained["checkpoint"],
+        trained["cache"],
+        n_utterances=2,
+        held_out=held_out,
+        floor_clips=floor,
+        unseen_texts=SENTENCES[:1],
     )
     assert scores["n_utterances"] == 2 and scores["step"] == TRAIN_STEPS
+    assert scores["unseen_speakers"] == ["gb"] and scores["normalised_secs_unseen"] is not None
     for key in (
         "secs_seen",
         "secs_unseen",
+        "secs_unseen_ceiling",
+        "secs_unseen_floor",
         "secs_real_same_speaker",
         "secs_real_different_speakers",
     ):

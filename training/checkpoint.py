@@ -39,6 +39,7 @@ CHECKPOINT_KEYS = (
     "stats",
     "val_loss",
     "speakers",
+    "ema",  # the weight average synthesis uses (training.model.WeightAverage), when kept
 )
 
 

@@ -14,6 +14,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from training import distributed
 from training.config import OPTIMIZATION_LEVELS, UnsafeConfig, batch_warning, preset
 from training.model import MODEL_SIZES
 from training.trainer import Callbacks, Trainer
@@ -44,6 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="phonemes through espeak-ng, or characters (default auto: espeak when available)",
     )
 
+    pre.add_argument(
+        "--augment-speakers",
+        action="store_true",
+        help="add pitch- and formant-shifted copies of every speaker as extra speakers "
+        "(training.augment), so a small corpus teaches more than a few voices",
+    )
+
+    sh = sub.add_parser(
+        "shards",
+        help="pack a feature cache into memory-mapped shards (for corpora of many hours)",
+        description="Pack a finished feature cache into shards of about --shard-mb each under "
+        "CACHE/shards; the trainer then reads them instead of one file per utterance.",
+    )
+    sh.add_argument("cache_dir", help="feature cache folder (from preprocess)")
+    sh.add_argument("--shard-mb", type=int, default=256, help="shard size in MB (default 256)")
+
     tr = sub.add_parser(
         "train",
         help="train a model on a feature cache",
@@ -66,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--init-from", help="checkpoint whose weights start this run (fine-tuning)")
     tr.add_argument(
+        "--hold-out-speakers",
+        default="",
+        metavar="NAMES",
+        help="comma-separated speakers kept out of training and validation, e.g. rms,esf2 "
+        "(for scoring cloning of voices the model never heard)",
+    )
+    tr.add_argument(
         "--threads",
         type=int,
         help="CPU threads for torch (on a busy machine 1 is often fastest)",
@@ -77,7 +101,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "preprocess":
         return preprocess(args)
+    if args.command == "shards":
+        return shards(args)
     return train(args)
+
+
+def shards(args) -> int:
+    from training.shards import build_shards
+
+    if args.shard_mb < 1:
+        print("error: --shard-mb must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        with tqdm(unit="shard", desc="shards") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            n = build_shards(args.cache_dir, args.shard_mb * 2**20, progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{n} shard(s) in {args.cache_dir}/shards")
+    return 0
 
 
 def preprocess(args) -> int:
@@ -90,6 +137,14 @@ def preprocess(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(items)} utterances in {args.data_dir}, {len(problems)} metadata problem(s)")
+    if args.augment_speakers:
+        from pathlib import Path
+
+        from training.augment import augmented_items
+
+        copies = augmented_items(items, Path(args.out_dir) / "augmented")
+        print(f"speaker augmentation: {len(copies)} shifted copies as extra speakers")
+        items = list(items) + copies
     with tqdm(total=len(items), unit="utt", desc="preprocess") as bar:
 
         def progress(done: int, total: int) -> None:
@@ -165,25 +220,36 @@ def train(args) -> int:
             setattr(cfg, name, value)
     cfg.device = args.device
     cfg.compile = args.compile
+    cfg.held_out_speakers = [s.strip() for s in args.hold_out_speakers.split(",") if s.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # Under torchrun: join the process group first, so only rank 0 draws a bar and prints.
+    try:
+        distributed.setup(cfg.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    main_rank = distributed.is_main()
     warning = batch_warning(cfg.size, cfg.batch_size)
-    if warning:
+    if warning and main_rank:
         print(f"warning: {warning}")
     try:
-        with tqdm(total=cfg.steps, unit="step", desc=f"train {cfg.size}") as bar:
+        bar = tqdm(total=cfg.steps, unit="step", desc=f"train {cfg.size}", disable=not main_rank)
+        with bar:
             callbacks = ProgressBar(bar)
             trainer = Trainer(
                 cfg, args.data, args.out, callbacks, resume=args.resume, init_from=args.init_from
             )
-            bar.write(
-                f"model '{cfg.size}': {trainer.param_count:,} parameters on {trainer.device}; "
-                f"level {cfg.optimization_level}, lr {cfg.learning_rate:g}, "
-                f"batch {cfg.batch_size} x {cfg.grad_accum_steps}, {cfg.steps} steps"
-            )
-            for line in trainer.warnings:
-                bar.write(f"warning: {line}")
+            ranks = f" x {trainer.world_size} ranks" if trainer.world_size > 1 else ""
+            for line in [
+                f"model '{cfg.size}': {trainer.param_count:,} parameters on {trainer.device}"
+                f"{ranks}; level {cfg.optimization_level}, lr {cfg.learning_rate:g}, "
+                f"batch {cfg.batch_size} x {cfg.grad_accum_steps}, {cfg.steps} steps",
+                *(f"warning: {w}" for w in trainer.warnings),
+            ]:
+                if main_rank:
+                    bar.write(line)
             bar.update(trainer.step)
 
             def request_stop(signum, frame):
@@ -198,6 +264,10 @@ def train(args) -> int:
     except (UnsafeConfig, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
+    if not main_rank:
+        return 0
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     print(
         f"{result.status} at step {result.step}; best validation mel loss {best}; "

@@ -115,6 +115,11 @@ class LossConfig:
     energy_loss_weight: float = 0.1
     align_loss_weight: float = 1.0
     bin_loss_weight: float = 0.1
+    # The binarisation term pulls the soft attention towards the hard path; before the aligner
+    # has found the diagonal it only locks in its first guesses (RAD-TTS turns it on late). It
+    # is off for this many steps, then ramps linearly to its full weight over the next ones.
+    bin_loss_start_step: int = 200
+    bin_loss_ramp_steps: int = 300
     use_adaptive_weights: bool = True
     loss_smoothing_factor: float = 0.1
     max_loss_spike_threshold: float = 2.0
@@ -154,6 +159,17 @@ class TrainConfig:
     # `plateau_patience` evals restarts the LR schedule (see PlateauDetector).
     plateau_patience: int = 3
     plateau_min_delta: float = 0.005
+    # Speakers whose utterances never enter a training or validation batch, so cloning them
+    # measures how the model follows a voice it never heard (synthesis.cloning).
+    held_out_speakers: list[str] = field(default_factory=list)
+    # Exponential moving average of the weights, saved in each checkpoint and used for
+    # synthesis: steadier voices than the last step's weights. 0 turns it off. The decay ramps
+    # up from 0.1 ((1 + n) / (10 + n) after n updates) so a short run is not stuck near init.
+    ema_decay: float = 0.999
+    # Parameters a fine-tune leaves as they are: those whose names start with one of these
+    # prefixes (e.g. "embed", "encoder": the text side), except the speaker-conditioning ones
+    # ("speaker", "cond" in the name), which a new voice must still move.
+    freeze: list[str] = field(default_factory=list)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def flat(self) -> dict:
@@ -247,6 +263,35 @@ def preset(size: str, level: str = "enhanced") -> TrainConfig:
         optimization_level=level,
         learning_rate=LEARNING_RATES[size][level],
         batch_size=BATCH_RANGES[size][1],
+    )
+    return TrainConfig.from_flat(values)
+
+
+# A new voice from a few minutes: fine-tune a multi-speaker checkpoint on one speaker's 30-100
+# clips. A fifth of the size's full learning rate and no adaptive weights, so a few hundred
+# steps move the voice without unlearning the text side; the text encoder is frozen (its
+# phoneme embeddings and blocks, not its speaker conditioning) because the text is not what
+# changes, and 30 clips cannot retrain it without overfitting their few sentences. Evaluated
+# and checkpointed often: on so few clips the best checkpoint comes early.
+FEW_SHOT: dict = {
+    "steps": 400,
+    "lr_warmup_steps": 50,
+    "eval_every": 50,
+    "checkpoint_every": 100,
+    "keep_last": 5,
+    "use_adaptive_weights": False,
+    "freeze": ["embed", "encoder"],
+}
+FEW_SHOT_CLIPS = (30, 100)
+
+
+def few_shot_preset(size: str) -> TrainConfig:
+    """The fine-tune preset for one new voice (FEW_SHOT), for a checkpoint of `size`."""
+    values = preset(size, "basic").flat()
+    values.update(FEW_SHOT)
+    values.update(
+        learning_rate=LEARNING_RATES[size]["enhanced"] / 5,
+        batch_size=BATCH_RANGES[size][0],
     )
     return TrainConfig.from_flat(values)
 

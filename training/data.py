@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from training.audio import LOG_FLOOR
+from training.augment import base_speaker
 
 SPLITS = ("train", "val", "all")
 MEL_PAD = math.log(LOG_FLOOR)  # padding frames look like silence to anything that peeks
@@ -42,10 +44,21 @@ class FeatureDataset(Dataset):
     """Utterances of one split; pitch and energy come out normalised with the cache's stats
     (unvoiced frames stay exactly 0, so the model can still tell them apart)."""
 
-    def __init__(self, cache_dir: str | Path, split: str = "train", preload: bool = False):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        split: str = "train",
+        preload: bool = False,
+        exclude_speakers: Sequence[str] = (),
+    ):
         self.cache_dir = Path(cache_dir)
         self.meta = read_meta(cache_dir)
-        self.items = read_items(cache_dir, split)
+        # Held-out speakers leave here, before batching, so no split ever carries them; their
+        # pitch-shifted copies (training.augment) leave with them.
+        excluded = set(exclude_speakers)
+        self.items = [
+            it for it in read_items(cache_dir, split) if base_speaker(it["speaker"]) not in excluded
+        ]
         self.split = split
         self.stats = self.meta["stats"]
         self.lengths = [it["n_frames"] for it in self.items]
@@ -122,6 +135,8 @@ class BucketBatchSampler(Sampler[list[int]]):
     comes from `seed + epoch`, so a given (seed, epoch) always yields the same batches: that
     is what makes resume exact. The epoch advances after each full pass; `set_epoch` sets it.
     `num_replicas`/`rank` give each process of a multi-GPU run its own share of the batches.
+    `groups` (the shard of each item, training.shards) keeps every pool inside one shard and
+    walks the shards one after another in a shuffled order, so reads stay within a mapped file.
     """
 
     def __init__(
@@ -134,9 +149,13 @@ class BucketBatchSampler(Sampler[list[int]]):
         pool_batches: int = 50,
         num_replicas: int = 1,
         rank: int = 0,
+        groups: Sequence[int] | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.groups = list(groups) if groups is not None else None
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -156,6 +175,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         if not self.shuffle:
             order = sorted(range(n), key=lambda i: (self.lengths[i], i))
             batches = self._cut(order)
+        elif self.groups is not None:
+            batches = self._grouped(torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(n, generator=g).tolist()
@@ -169,6 +190,23 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.num_replicas > 1:
             usable = len(batches) - len(batches) % self.num_replicas
             batches = batches[self.rank : usable : self.num_replicas]
+        return batches
+
+    def _grouped(self, g: torch.Generator) -> list[list[int]]:
+        members: dict[int, list[int]] = {}
+        for i, group in enumerate(self.groups):
+            members.setdefault(group, []).append(i)
+        keys = sorted(members)
+        batches = []
+        pool = self.batch_size * self.pool_batches
+        for k in torch.randperm(len(keys), generator=g).tolist():
+            items = members[keys[k]]
+            order = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+            local = []
+            for start in range(0, len(order), pool):
+                chunk = sorted(order[start : start + pool], key=lambda i: self.lengths[i])
+                local += self._cut(chunk)
+            batches += [local[j] for j in torch.randperm(len(local), generator=g).tolist()]
         return batches
 
     def _cut(self, order: list[int]) -> list[list[int]]:
@@ -186,8 +224,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         # Pool sizes do not depend on the shuffle, so neither does the number of batches.
         n = len(self.lengths)
         pool = n if not self.shuffle else self.batch_size * self.pool_batches
+        sizes = [n]
+        if self.shuffle and self.groups is not None:
+            sizes = list(Counter(self.groups).values())
         total = 0
-        for start in range(0, n, pool):
-            size = min(pool, n - start)
-            total += size // self.batch_size if self.drop_last else -(-size // self.batch_size)
+        for group_size in sizes:
+            for start in range(0, group_size, max(1, pool)):
+                size = min(pool, group_size - start)
+                total += size // self.batch_size if self.drop_last else -(-size // self.batch_size)
         return total // self.num_replicas if self.num_replicas > 1 else total

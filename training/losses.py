@@ -667,6 +667,8 @@ class TTSLoss:
         energy_loss_weight: float = 0.1,
         align_loss_weight: float = 1.0,
         bin_loss_weight: float = 0.1,
+        bin_loss_start_step: int = 0,
+        bin_loss_ramp_steps: int = 0,
         use_adaptive_weights: bool = True,
         loss_smoothing_factor: float = 0.1,
         max_loss_spike_threshold: float = 2.0,
@@ -700,6 +702,12 @@ class TTSLoss:
             "align": float(align_loss_weight),
             "bin": float(bin_loss_weight),
         }
+        # Binarisation ramp (LossConfig): set_step() moves bin_scale from 0 to 1; built
+        # directly, without a ramp, the term is on at full weight from the start.
+        self.bin_loss_start_step = int(bin_loss_start_step)
+        self.bin_loss_ramp_steps = int(bin_loss_ramp_steps)
+        self.bin_scale = 1.0
+        self.set_step(0)
         self.smoothing = float(loss_smoothing_factor)
         self.controller = StableAdaptiveWeights(
             base_weight=mel_loss_weight,
@@ -729,9 +737,20 @@ class TTSLoss:
         """From a training.config.LossConfig."""
         return cls(**dataclasses.asdict(loss_config))
 
+    def set_step(self, step: int) -> None:
+        """Where the binarisation ramp stands at optimiser step `step` (the trainer calls it)."""
+        past = step - self.bin_loss_start_step
+        if past < 0:
+            self.bin_scale = 0.0
+        elif self.bin_loss_ramp_steps <= 0:
+            self.bin_scale = 1.0
+        else:
+            self.bin_scale = min(1.0, past / self.bin_loss_ramp_steps)
+
     @property
     def weights(self) -> dict[str, float]:
-        return {"mel": self.controller.weight, **self.fixed_weights}
+        fixed = dict(self.fixed_weights, bin=self.fixed_weights["bin"] * self.bin_scale)
+        return {"mel": self.controller.weight, **fixed}
 
     def __call__(self, outputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components = {name: fn(outputs) for name, fn in COMPONENT_FUNCTIONS.items()}

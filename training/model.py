@@ -4,8 +4,10 @@ A non-autoregressive model of the FastPitch / FastSpeech 2 family, read top to b
 
 1. ``TextEncoder``: token embedding + sinusoidal positions + feed-forward transformer blocks
    (self-attention and a 1-d convolution, as in FastSpeech).
-2. Speaker conditioning: the 256-d Resemblyzer utterance embedding, projected to the model
-   width and added to every encoder output, so predictors and decoder all see the voice.
+2. Speaker conditioning: the 256-d Resemblyzer utterance embedding goes through one small
+   shared layer, and from there into every layer norm of the encoder, the variance predictors
+   and the decoder (conditional layer norm, AdaSpeech 4 / StyleSpeech): each predicts its own
+   scale and shift from the voice. It is also projected and added to the encoder output.
 3. ``Aligner`` (RAD-TTS): small conv encoders turn the token embeddings into keys and the
    target mel into queries; their distances give a soft text-to-frame attention (trained by
    the forward-sum loss); monotonic alignment search turns it into hard durations without
@@ -64,6 +66,10 @@ class ModelConfig:
     speaker_dim: int = 256
     # A predicted duration above this many frames (~0.9 s) is a predictor failure, not speech.
     max_duration: int = 75
+    # "cln": the speaker sets the scale and shift of every layer norm (encoder, predictors,
+    # decoder) besides the vector added to the encoder output. "add": only that vector, as
+    # checkpoints made before conditional layer norms (kept to measure against).
+    speaker_conditioning: str = "cln"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +80,9 @@ class ModelConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-# Parameter counts (printed by the CLI; 80 symbols): tiny 0.87 M (trains on a laptop CPU in
-# minutes), small 4.9 M, normal 38 M (FastPitch's width and depth), big 79 M.
+# Parameter counts (printed by the CLI; 80 symbols): tiny 1.2 M (0.87 M without the conditional
+# norms; trains on a laptop CPU in minutes), small 6.4 M, normal 47 M (FastPitch's width and
+# depth), big 97 M.
 MODEL_SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         d_model=96,
@@ -162,6 +169,40 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, dim))
 
 
+# Keys of the conditional layer norms' weights; a checkpoint without them (written before they
+# existed) loads with them at their identity initialisation.
+CONDITIONING_KEYS = ("speaker_cond.", ".cond.")
+
+
+def is_conditioning_key(name: str) -> bool:
+    return name.startswith(CONDITIONING_KEYS[0]) or CONDITIONING_KEYS[1] in name
+
+
+class ConditionalLayerNorm(nn.LayerNorm):
+    """LayerNorm whose scale and shift are moved by the speaker (AdaSpeech 4, StyleSpeech).
+
+    y = LN(x) * (1 + s(spk)) + b(spk), with s and b one zero-initialised linear layer: a new
+    model starts exactly as plain layer norms, and an old checkpoint's `weight`/`bias` keep
+    their names and meaning, so it loads unchanged. Every block seeing the voice lets a voice
+    the model never heard steer the decoder and the predictors, not only the encoder output.
+    """
+
+    def __init__(self, dim: int, cond_dim: int | None):
+        super().__init__(dim)
+        self.cond = None
+        if cond_dim:
+            self.cond = nn.Linear(cond_dim, 2 * dim)
+            nn.init.zeros_(self.cond.weight)
+            nn.init.zeros_(self.cond.bias)
+
+    def forward(self, x: torch.Tensor, spk: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x)
+        if self.cond is None or spk is None:
+            return y
+        scale, shift = self.cond(spk.to(y.dtype))[:, None, :].chunk(2, dim=-1)
+        return y * (1 + scale) + shift
+
+
 class FFTBlock(nn.Module):
     """Pre-norm transformer block whose feed-forward part is a convolution (FastSpeech's FFT).
 
@@ -169,58 +210,68 @@ class FFTBlock(nn.Module):
     context; pre-norm keeps deep stacks trainable without a long warm-up.
     """
 
-    def __init__(self, dim: int, n_heads: int, ff_dim: int, kernel: int, dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        ff_dim: int,
+        kernel: int,
+        dropout: float,
+        cond_dim: int | None = None,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ConditionalLayerNorm(dim, cond_dim)
         self.attn = SelfAttention(dim, n_heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ConditionalLayerNorm(dim, cond_dim)
         self.conv1 = nn.Conv1d(dim, ff_dim, kernel, padding=kernel // 2)
         self.conv2 = nn.Conv1d(ff_dim, dim, 1)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, spk=None) -> torch.Tensor:
         keep = mask[..., None].to(x.dtype)
-        x = x + self.drop(self.attn(self.norm1(x), mask))
+        x = x + self.drop(self.attn(self.norm1(x, spk), mask))
         # Zero the padding before the convolution so it never leaks into valid positions.
-        h = (self.norm2(x) * keep).transpose(1, 2)
+        h = (self.norm2(x, spk) * keep).transpose(1, 2)
         h = self.conv2(self.drop(F.relu(self.conv1(h)))).transpose(1, 2)
         return (x + self.drop(h)) * keep
 
 
 class TransformerStack(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_layers: int):
+    def __init__(self, cfg: ModelConfig, n_layers: int, cond_dim: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(
-            FFTBlock(cfg.d_model, cfg.n_heads, cfg.ff_dim, cfg.ff_kernel, cfg.dropout)
+            FFTBlock(cfg.d_model, cfg.n_heads, cfg.ff_dim, cfg.ff_kernel, cfg.dropout, cond_dim)
             for _ in range(n_layers)
         )
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = ConditionalLayerNorm(cfg.d_model, cond_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, spk=None) -> torch.Tensor:
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype)
         for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x) * mask[..., None].to(x.dtype)
+            x = block(x, mask, spk)
+        return self.norm(x, spk) * mask[..., None].to(x.dtype)
 
 
 class VariancePredictor(nn.Module):
     """Two convolutions and a linear layer: one number per token (log duration, pitch, energy)."""
 
-    def __init__(self, in_dim: int, dim: int, kernel: int, dropout: float):
+    def __init__(
+        self, in_dim: int, dim: int, kernel: int, dropout: float, cond_dim: int | None = None
+    ):
         super().__init__()
         self.conv1 = nn.Conv1d(in_dim, dim, kernel, padding=kernel // 2)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ConditionalLayerNorm(dim, cond_dim)
         self.conv2 = nn.Conv1d(dim, dim, kernel, padding=kernel // 2)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ConditionalLayerNorm(dim, cond_dim)
         self.drop = nn.Dropout(dropout)
         self.proj = nn.Linear(dim, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, spk=None) -> torch.Tensor:
         keep = mask[..., None].to(x.dtype)
         h = F.relu(self.conv1((x * keep).transpose(1, 2))).transpose(1, 2)
-        h = self.drop(self.norm1(h)) * keep
+        h = self.drop(self.norm1(h, spk)) * keep
         h = F.relu(self.conv2(h.transpose(1, 2))).transpose(1, 2)
-        h = self.drop(self.norm2(h))
+        h = self.drop(self.norm2(h, spk))
         return self.proj(h).squeeze(-1) * mask.to(h.dtype)
 
 
@@ -346,21 +397,31 @@ class TTSModel(nn.Module):
         # Unit-variance rows (torch's default): the aligner's keys are computed from them, and
         # small rows leave every key alike, so a few tokens win every frame.
         self.embed = nn.Embedding(n_symbols, d, padding_idx=0)
-        self.encoder = TransformerStack(cfg, cfg.enc_layers)
+        if cfg.speaker_conditioning not in ("cln", "add"):
+            raise ValueError(
+                f"speaker_conditioning must be 'cln' or 'add', not {cfg.speaker_conditioning!r}"
+            )
+        cond = d if cfg.speaker_conditioning == "cln" else None
+        # One shared layer between the embedding and every norm: a few hundred parameters per
+        # norm instead of a 256-wide map each, and one place where voices are compared.
+        self.speaker_cond = (
+            nn.Sequential(nn.Linear(cfg.speaker_dim, d), nn.SiLU()) if cond else None
+        )
+        self.encoder = TransformerStack(cfg, cfg.enc_layers, cond)
         self.speaker_proj = nn.Linear(cfg.speaker_dim, d)
         self.aligner = Aligner(d, cfg.n_mels, cfg.align_dim, cfg.align_temperature)
-        self.duration_predictor = VariancePredictor(
-            d, cfg.predictor_dim, cfg.predictor_kernel, cfg.predictor_dropout
-        )
-        self.pitch_predictor = VariancePredictor(
-            d, cfg.predictor_dim, cfg.predictor_kernel, cfg.predictor_dropout
-        )
+
+        def predictor():
+            return VariancePredictor(
+                d, cfg.predictor_dim, cfg.predictor_kernel, cfg.predictor_dropout, cond
+            )
+
+        self.duration_predictor = predictor()
+        self.pitch_predictor = predictor()
         self.pitch_embed = nn.Conv1d(1, d, 3, padding=1)
-        self.energy_predictor = VariancePredictor(
-            d, cfg.predictor_dim, cfg.predictor_kernel, cfg.predictor_dropout
-        )
+        self.energy_predictor = predictor()
         self.energy_embed = nn.Conv1d(1, d, 3, padding=1)
-        self.decoder = TransformerStack(cfg, cfg.dec_layers)
+        self.decoder = TransformerStack(cfg, cfg.dec_layers, cond)
         self.mel_out = nn.Linear(d, cfg.n_mels)
         nn.init.constant_(self.mel_out.bias, MEL_CENTER)
         # Feature statistics of the training data (Hz and energy units), so infer() can take
@@ -376,9 +437,19 @@ class TTSModel(nn.Module):
             if name in stats and stats[name] is not None:
                 getattr(self, name).fill_(float(stats[name]))
 
-    def encode(self, tokens, text_mask, spk_emb):
+    def speaker_condition(self, spk_emb: torch.Tensor) -> torch.Tensor | None:
+        """[B, 256] unit-length embeddings -> [B, d] the conditional norms read (None: "add").
+
+        Scaled by sqrt(256) first so its entries are O(1): at unit length each is about 0.06
+        and the shared layer would start with a voice signal too faint to learn from.
+        """
+        if self.speaker_cond is None:
+            return None
+        return self.speaker_cond(spk_emb.float() * math.sqrt(self.cfg.speaker_dim))
+
+    def encode(self, tokens, text_mask, spk_emb, cond=None):
         text_emb = self.embed(tokens)
-        enc = self.encoder(text_emb, text_mask)
+        enc = self.encoder(text_emb, text_mask, cond)
         spk = self.speaker_proj(spk_emb.to(enc.dtype))[:, None, :]
         return text_emb, (enc + spk) * text_mask[..., None].to(enc.dtype)
 
@@ -391,10 +462,10 @@ class TTSModel(nn.Module):
         keep = text_mask[..., None].to(enc.dtype)
         return enc + self.energy_embed(energy[:, None].to(enc.dtype)).transpose(1, 2) * keep
 
-    def decode(self, enc, durations, max_len=None):
+    def decode(self, enc, durations, max_len=None, cond=None):
         frames, mel_lens = regulate_length(enc, durations, max_len)
         mel_mask = lengths_to_mask(mel_lens, frames.shape[1])
-        hidden = self.decoder(frames, mel_mask)
+        hidden = self.decoder(frames, mel_mask, cond)
         mel = self.mel_out(hidden).transpose(1, 2) * mel_mask[:, None].to(hidden.dtype)
         return mel, mel_lens, mel_mask
 
@@ -413,7 +484,8 @@ class TTSModel(nn.Module):
         text_mask = lengths_to_mask(token_lens, tokens.shape[1])
         mel_mask = lengths_to_mask(mel_lens, mels.shape[2])
 
-        text_emb, enc = self.encode(tokens, text_mask, batch["spk_emb"])
+        cond = self.speaker_condition(batch["spk_emb"])
+        text_emb, enc = self.encode(tokens, text_mask, batch["spk_emb"], cond)
 
         log_prior = None
         if self.cfg.attn_prior:
@@ -424,17 +496,17 @@ class TTSModel(nn.Module):
         attn_hard = mas(attn_logprob, mel_lens, token_lens)  # no gradient
         dur_target = attn_hard.sum(2)[:, 0]  # [B, L] frames per token
 
-        log_dur_pred = self.duration_predictor(enc, text_mask)
-        pitch_pred = self.pitch_predictor(enc, text_mask)
+        log_dur_pred = self.duration_predictor(enc, text_mask, cond)
+        pitch_pred = self.pitch_predictor(enc, text_mask, cond)
         frames = mels.shape[2]
         pitch_target = average_over_durations(batch["pitch"][:, :frames], dur_target, True)
         energy_target = average_over_durations(batch["energy"][:, :frames], dur_target, False)
         enc = self.add_pitch(enc, pitch_target, text_mask)
         # Energy is predicted after pitch is added: loudness follows the intonation.
-        energy_pred = self.energy_predictor(enc, text_mask)
+        energy_pred = self.energy_predictor(enc, text_mask, cond)
         enc = self.add_energy(enc, energy_target, text_mask)
 
-        mel_pred, _, _ = self.decode(enc, dur_target, max_len=frames)
+        mel_pred, _, _ = self.decode(enc, dur_target, max_len=frames, cond=cond)
         # The loss runs in float32 whatever the autocast dtype of the layers was.
         return {
             "mel_pred": mel_pred.float(),
@@ -472,10 +544,11 @@ class TTSModel(nn.Module):
         Returns mel [B, 80, T], mel_lens [B] and durations [B, L] (frames per token).
         """
         text_mask = lengths_to_mask(token_lens, tokens.shape[1])
-        _, enc = self.encode(tokens, text_mask, spk_emb)
+        cond = self.speaker_condition(spk_emb)
+        _, enc = self.encode(tokens, text_mask, spk_emb, cond)
 
         # The predictor learns log(1 + frames), so a zero-length token is representable.
-        log_dur = self.duration_predictor(enc, text_mask).float()
+        log_dur = self.duration_predictor(enc, text_mask, cond).float()
         durations = (torch.exp(log_dur) - 1) * duration_scale
         # clamp keeps NaN, and NaN.long() is a huge negative frame count: a broken checkpoint
         # must give silence-length output, not a crash deep inside length regulation.
@@ -486,16 +559,81 @@ class TTSModel(nn.Module):
         empty = durations.sum(1) == 0
         durations[empty, 0] = 1
 
-        pitch = self.pitch_predictor(enc, text_mask).float()
+        pitch = self.pitch_predictor(enc, text_mask, cond).float()
         if pitch_shift:
             ratio = 2.0 ** (pitch_shift / 12.0)
             hz = pitch * self.pitch_std + self.pitch_mean
             pitch = (hz * ratio - self.pitch_mean) / self.pitch_std * text_mask
         enc = self.add_pitch(enc, pitch, text_mask)
-        energy = self.energy_predictor(enc, text_mask).float()
+        energy = self.energy_predictor(enc, text_mask, cond).float()
         if energy_scale != 1.0:
             real = energy * self.energy_std + self.energy_mean
             energy = (real * energy_scale - self.energy_mean) / self.energy_std * text_mask
         enc = self.add_energy(enc, energy, text_mask)
-        mel, mel_lens, _ = self.decode(enc, durations)
+        mel, mel_lens, _ = self.decode(enc, durations, cond=cond)
         return {"mel": mel.float(), "mel_lens": mel_lens, "durations": durations}
+
+
+def load_model_weights(model: TTSModel, state: dict) -> list[str]:
+    """Load `state` into `model`; weights of the conditional layer norms may be missing.
+
+    A checkpoint written before every block was conditioned on the speaker lacks exactly those
+    keys; they keep their initialisation, which makes each conditional norm a plain LayerNorm,
+    so the old model computes what it always did. Any other missing or unexpected key is an
+    error (RuntimeError, as load_state_dict raises). Returns the keys that were filled in.
+    """
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not is_conditioning_key(k)]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {', '.join(missing[:5])}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected key(s) {', '.join(result.unexpected_keys[:5])}")
+        raise RuntimeError(f"Error(s) in loading state_dict for TTSModel: {'; '.join(parts)}")
+    return [k for k in result.missing_keys if is_conditioning_key(k)]
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights (and buffers), for synthesis.
+
+    The last step's weights carry the noise of the last few batches; their running average
+    speaks more steadily, at no cost to training. The decay ramps up as (1 + n) / (10 + n)
+    after n updates, capped at `decay`, so the average of a short run is not dragged back to
+    the random initial weights. Kept in float32 whatever the model trains in.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight average's decay must be between 0 and 1, not {decay}")
+        self.decay = float(decay)
+        self.reset(model)
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Start again from the model's current weights (after a rollback or a restart)."""
+        self.updates = 0
+        self.weights = {
+            k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+            for k, v in model.state_dict().items()
+        }
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            avg = self.weights[k]
+            if avg.is_floating_point():
+                avg.lerp_(v.detach().float(), 1.0 - decay)
+            else:
+                avg.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.weights = {
+            k: v.float() if v.is_floating_point() else v for k, v in state["weights"].items()
+        }

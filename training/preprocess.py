@@ -50,6 +50,10 @@ class PreprocessResult:
     stopped: bool = False
     text_backend: str = ""
     problems: list = field(default_factory=list)  # training.corpus.Problem
+    # The quality gate: item id -> clip_quality.Verdict.to_dict() plus its scores, and how
+    # many clips of each kind it left out of training.
+    verdicts: dict = field(default_factory=dict)
+    left_out: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,11 @@ def _summary(feats: dict, job: _Job, reused: bool) -> dict:
             "n_frames": int(feats["mel"].shape[-1]),
             "duration_s": round(float(feats["duration_s"]), 4),
             "feats": job.feats,
+            # The real recording: the ground truth of the scores' WER (synthesis.evaluate).
+            "audio_path": os.path.abspath(job.audio_path),
         },
         "problems": feats["problems"],
+        "quality": feats.get("quality"),
         "spk_emb": feats["spk_emb"].numpy(),
         "sums": (
             float(voiced.sum()),
@@ -204,7 +211,28 @@ def _reuse(job: _Job, path: Path, key: str) -> dict | None:
         feats["phonemes"] = phonemes
         feats["symbols_sha"] = _WORKER["symbols_sha"]
         atomic_torch_save(feats, path)
+    if _needs_quality(feats.get("quality")):
+        # A cache from before the quality gate (or without a recogniser then): score the clip
+        # once from its audio, and keep every feature as it is.
+        cfg: A.AudioConfig = _WORKER["cfg"]
+        raw, _ = A.load_audio(job.audio_path, cfg.sample_rate)
+        trimmed = A.normalise_loudness(A.trim_silence(raw, cfg.sample_rate))
+        feats["quality"] = _quality(raw, trimmed, feats["pitch"], job)
+        atomic_torch_save(feats, path)
     return _summary(feats, job, reused=True)
+
+
+def _needs_quality(quality) -> bool:
+    return _WORKER.get("quality", True) and not isinstance(quality, dict)
+
+
+def _quality(raw, trimmed, f0, job: _Job) -> dict | None:
+    if not _WORKER.get("quality", True):
+        return None
+    from training.clip_quality import score_clip
+
+    cfg: A.AudioConfig = _WORKER["cfg"]
+    return score_clip(raw, trimmed, f0, cfg.sample_rate, job.phonemes)
 
 
 def process_item(job: _Job) -> dict:
@@ -258,6 +286,7 @@ def _process_item(job: _Job) -> dict:
         )
         return {"ok": False, "problems": problems}
 
+    raw = wav
     wav = A.normalise_loudness(A.trim_silence(wav, cfg.sample_rate))
     with torch.inference_mode():
         mel, en = A.mel_and_energy(wav, cfg)
@@ -276,6 +305,7 @@ def _process_item(job: _Job) -> dict:
         "problems": problems,
         "source_key": key,
         "symbols_sha": _WORKER["symbols_sha"],
+        "quality": _quality(raw, wav, f0, job),
     }
     atomic_torch_save(feats, path)
     return _summary(feats, job, reused=False)
@@ -332,12 +362,24 @@ def preprocess_corpus(
     val_fraction: float = VAL_FRACTION,
     device: str = "cpu",
     known_problems: Iterable = (),
+    quality: bool = True,
+    overrides: dict[str, str] | None = None,
+    asr: str = "inconclusive",
+    part: tuple[int, int] | None = None,
 ) -> PreprocessResult:
     """Build (or finish) the feature cache of `items` in `out_dir`.
 
+    `part=(k, n)` extracts only every n-th utterance from the k-th on (one of n workers sharing
+    a large corpus) and stops there: its feature files are named and stamped with the whole
+    corpus's symbol table, so a last pass over all `items` reuses them and writes the cache.
+
     `known_problems` (e.g. read_corpus's metadata problems) go into problems.jsonl too.
     `workers` > 1 uses that many processes (spawned, so CUDA and espeak state are never
-    shared by a fork).
+    shared by a fork). `quality` runs the quality gate (training.clip_quality): clips it
+    drops, or that `overrides` (item id -> "keep" | "drop", a person's review) drop, stay out
+    of items.jsonl; every verdict goes to quality/verdicts.jsonl. `asr` says which English
+    clips pocketsphinx hears: "all", "inconclusive" (those the cheap scores leave in doubt)
+    or "off".
     """
     from training.corpus import Problem
 
@@ -361,17 +403,21 @@ def preprocess_corpus(
         "symbols": table.to_list(),
         "symbols_sha": _symbols_sha(table.to_list()),
         "device": device,
+        "quality": quality,
     }
-    result = PreprocessResult(out_dir=out, total=len(jobs), text_backend=frontend.backend)
+    if part is not None and not 0 <= part[0] < part[1]:
+        raise ValueError(f"part {part[0]} of {part[1]} does not exist")
+    todo = jobs if part is None else jobs[part[0] :: part[1]]
+    result = PreprocessResult(out_dir=out, total=len(todo), text_backend=frontend.backend)
     result.problems = [p if isinstance(p, Problem) else Problem(**p) for p in known_problems]
     outcomes: dict[str, dict] = {}
     if progress:
-        progress(0, len(jobs))
+        progress(0, len(todo))
 
     def collect(job: _Job, outcome: dict) -> None:
         outcomes[job.id] = outcome
         if progress:
-            progress(len(outcomes), len(jobs))
+            progress(len(outcomes), len(todo))
 
     if workers > 1 and multiprocessing.current_process().daemon:
         # A daemonic process (e.g. a task in Celery's prefork pool) may not start children.
@@ -380,7 +426,7 @@ def preprocess_corpus(
         threads = torch.get_num_threads()
         try:
             _init_worker(settings)
-            for job in jobs:
+            for job in todo:
                 if should_stop and should_stop():
                     result.stopped = True
                     break
@@ -392,7 +438,7 @@ def preprocess_corpus(
         with cf.ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,)
         ) as pool:
-            pending = {pool.submit(process_item, job): job for job in jobs}
+            pending = {pool.submit(process_item, job): job for job in todo}
             try:
                 for fut in cf.as_completed(pending):
                     collect(pending[fut], fut.result())
@@ -406,11 +452,13 @@ def preprocess_corpus(
         for p in outcomes.get(job.id, {}).get("problems", []):
             result.problems.append(Problem(**p))
     result.elapsed_s = time.perf_counter() - started
-    if result.stopped:
+    if result.stopped or part is not None:
         result.kept = sum(o["ok"] for o in outcomes.values())
         return result
 
     kept = [(job, outcomes[job.id]) for job in jobs if outcomes[job.id]["ok"]]
+    if quality:
+        kept = _apply_gate(kept, out, result, overrides or {}, settings, asr)
     result.kept = len(kept)
     result.dropped = len(jobs) - len(kept)
     result.reused = sum(o["reused"] for _, o in kept)
@@ -464,3 +512,112 @@ def preprocess_corpus(
     _atomic_write_text(out / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+# ---------------------------------------------------------------- the quality gate
+
+
+def _apply_gate(
+    kept: list, out: Path, result: PreprocessResult, overrides: dict, settings: dict, asr: str
+) -> list:
+    """Judge every decoded clip against its speaker; return those that still train.
+
+    The cheap scores came from the workers. pocketsphinx, the one expensive score, runs here
+    afterwards on the clips that need it, since which ones do depends on the speaker's
+    medians, known only once every clip is scored.
+    """
+    from training import clip_quality
+    from training.corpus import Problem
+
+    scores = {job.id: o["quality"] for job, o in kept if o.get("quality")}
+    speakers = {job.id: job.speaker for job, _ in kept}
+    embeddings = {job.id: o["spk_emb"] for job, o in kept}
+    if asr != "off" and settings["lang"] == "en" and clip_quality.asr_available():
+        cheap = clip_quality.judge(scores, speakers, embeddings)
+        wanted = clip_quality.asr_targets(cheap, speakers, asr)
+        targets = [job for job, _ in kept if job.id in wanted]
+        heard = _hear(targets, [job for job, _ in kept], out, settings)
+        for job in targets:
+            if job.id in heard:
+                said = clip_quality.asr_scores(job.text, heard[job.id])
+                scores[job.id] = dict(scores[job.id], **said)
+    verdicts = clip_quality.judge(scores, speakers, embeddings, overrides)
+    still, lines = [], []
+    left_out: dict[str, int] = {}
+    for job, o in kept:
+        v = verdicts.get(job.id)
+        if v is None:
+            still.append((job, o))
+            continue
+        record = dict(v.to_dict(), id=job.id, speaker=job.speaker, scores=scores[job.id])
+        result.verdicts[job.id] = record
+        lines.append(json.dumps(record, ensure_ascii=False))
+        if v.verdict == "drop":
+            kind = clip_quality.primary_kind(v)
+            left_out[kind] = left_out.get(kind, 0) + 1
+        else:
+            still.append((job, o))
+        if v.verdict in ("review", "drop"):
+            name = Path(job.audio_path).name
+            result.problems.append(
+                Problem(
+                    item_id=job.id,
+                    path=name,
+                    code=f"quality_{v.verdict}",
+                    message=f"{name}: {v.verdict} ({v.reasons[0]['code']}): "
+                    + "; ".join(r["message"] for r in v.reasons),
+                    severity="error" if v.verdict == "drop" else "warning",
+                )
+            )
+    (out / "quality").mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / "quality" / "verdicts.jsonl", "".join(x + "\n" for x in lines))
+    result.left_out = dict(sorted(left_out.items()))
+    return still
+
+
+def _hear(targets: list[_Job], everyone: list[_Job], out: Path, settings: dict) -> dict:
+    """What pocketsphinx hears in each target clip, reusing what an earlier run heard in a clip
+    whose audio and transcript are unchanged (quality/asr.jsonl)."""
+    from training import clip_quality
+
+    folder = out / "quality"
+    folder.mkdir(parents=True, exist_ok=True)
+    cache_path = folder / "asr.jsonl"
+    cache: dict[str, dict] = {}
+    if cache_path.is_file():
+        for line in cache_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                cache[row["id"]] = row
+            except (ValueError, KeyError):
+                continue  # a torn line from a crash: that clip is simply heard again
+    heard: dict[str, str] = {}
+    todo = []
+    for job in targets:
+        key = _source_key(job, settings)
+        if cache.get(job.id, {}).get("key") == key:
+            heard[job.id] = cache[job.id]["heard"]
+        else:
+            todo.append((job, key))
+    if todo:
+        lm = folder / "corpus.arpa"
+        _atomic_write_text(lm, clip_quality.corpus_language_model(j.text for j in everyone))
+        recogniser = clip_quality.CorpusRecogniser(lm)
+        cfg = A.AudioConfig.from_dict(settings["audio"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for job, key in todo:
+                try:
+                    raw, _ = A.load_audio(job.audio_path, cfg.sample_rate)
+                    wav = A.normalise_loudness(A.trim_silence(raw, cfg.sample_rate))
+                    heard[job.id] = recogniser.transcribe(wav, cfg.sample_rate)
+                except Exception:  # a file gone since its features were made: judged without
+                    continue
+                cache[job.id] = {"id": job.id, "key": key, "heard": heard[job.id]}
+        finally:
+            torch.set_num_threads(threads)
+        _atomic_write_text(
+            cache_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cache.values())
+        )
+    return heard

@@ -32,9 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
+from training import distributed
 from training.audio import LOG_FLOOR, AudioConfig, griffin_lim
+from training.augment import base_speaker
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -43,11 +46,19 @@ from training.checkpoint import (
     step_checkpoints,
 )
 from training.config import PlateauDetector, TrainConfig
-from training.data import BucketBatchSampler, FeatureDataset, collate, read_meta
-from training.device import select_device
-from training.guard import StepGuard
+from training.data import BucketBatchSampler, collate, read_meta
+from training.device import autocast_dtype
+from training.guard import StepGuard, Verdict
 from training.losses import COMPONENTS, TTSLoss
-from training.model import MODEL_SIZES, ModelConfig, TTSModel, count_parameters
+from training.model import (
+    MODEL_SIZES,
+    ModelConfig,
+    TTSModel,
+    WeightAverage,
+    count_parameters,
+    load_model_weights,
+)
+from training.shards import ShardedFeatureDataset, open_features
 
 SAMPLE_COUNT = 2  # fixed validation utterances turned into audio at every eval
 MIN_SAMPLE_FRAMES = 8
@@ -178,6 +189,20 @@ def _finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+class _Plan:
+    """A batch sampler whose batch list the trainer swaps each epoch, so one DataLoader (and
+    its persistent workers) serves the whole run."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -200,11 +225,15 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.callbacks = callbacks or Callbacks()
+        # Under torchrun this joins the process group and picks this rank's GPU; rank 0 alone
+        # reports to the outside world (metrics, events, checkpoints, eval samples).
+        self.device = distributed.setup(cfg.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.callbacks = (callbacks or Callbacks()) if self.is_main else Callbacks()
         # mel [n_mels, frames] -> waveform for eval samples (the studio passes its default
         # vocoder, synthesis.vocoders); None: Griffin-Lim.
         self.vocoder = vocoder
-        self.device = select_device(cfg.device)
         self.meta = read_meta(self.data_dir)
         self.symbols = list(self.meta["symbols"])
         self.warnings: list[str] = []
@@ -216,6 +245,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        # A misspelt held-out name would silently train on the voice it should hold out.
+        known = set(self.meta.get("speakers") or self.meta.get("speaker_embeddings", {}))
+        unknown = sorted(set(cfg.held_out_speakers or ()) - known)
+        if unknown:
+            raise ValueError(
+                f"held-out speaker(s) {', '.join(unknown)} are not in {self.data_dir}; "
+                f"its speakers are {', '.join(sorted(known)) or 'none'}"
+            )
         # Data: the order of every epoch is a function of (seed, epoch) alone.
         self.train_set, train_lengths = self._dataset("train")
         if len(self.train_set) == 0:
@@ -228,17 +265,32 @@ class Trainer:
             self.val_set, val_lengths = self.train_set, train_lengths
         self.lengths = {"train": train_lengths, "val": val_lengths}
         self._batching()
+        if not self.sampler.batches(0):
+            raise ValueError(
+                f"{len(self.train_set)} training utterances make fewer batches of "
+                f"{cfg.batch_size} than there are ranks ({self.world_size}): use fewer ranks "
+                "or a smaller batch size"
+            )
         self.epoch, self.batch_in_epoch = 0, 0
         self._batches = None
+        self._persistent: DataLoader | None = None
+        self._plan: _Plan | None = None
 
         # Model, loss, guard, optimiser, schedule.
         self.model_config: ModelConfig = MODEL_SIZES[cfg.size]
         self.model = TTSModel(self.model_config, len(self.symbols)).to(self.device)
         self.model.set_feature_stats(self.meta["stats"])
         self.param_count = count_parameters(self.model)
+        # bf16 needs no loss scaling; fp16 (GPUs without bf16) does, or small gradients vanish.
+        self.amp_dtype = autocast_dtype(self.device)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
         self.loss_fn = TTSLoss.from_config(cfg.loss)
         self.guard = self._new_guard()
         self.optimizer = self._optimizer()
+        # The average synthesis uses (see WeightAverage); None when cfg.ema_decay is 0.
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.schedule = LRSchedule(cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps)
         self.plateau = (
             PlateauDetector.from_config(cfg)
@@ -257,14 +309,25 @@ class Trainer:
         self.last_saved_step = -1
         self.last_eval_step = -1
 
+        if self.world_size > 1:
+            # Same initial weights on every rank (seeded above), different dropout masks after.
+            torch.manual_seed(cfg.seed + self.rank)
         resumed = self._resume() if resume else False
         if not resumed and init_from:
             self._init_from(init_from)
         # Where a rollback goes when no checkpoint is on disk yet: the state we start from.
         self.start_state = self._model_state_copy()
-        self.compiled = (
-            torch.compile(self.model, dynamic=True) if cfg.compile else self.model
-        )  # the checkpoint always saves self.model, the uncompiled module
+        # DDP averages the gradients in backward (its constructor also copies rank 0's weights
+        # to the others); the checkpoint always saves self.model, the bare module.
+        self.ddp = (
+            DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.world_size > 1
+            else None
+        )
+        net = self.ddp or self.model
+        self.compiled = torch.compile(net, dynamic=True) if cfg.compile else net
 
     # ------------------------------------------------------------------ setup
 
@@ -279,12 +342,27 @@ class Trainer:
     def _batching(self) -> None:
         """Batches of cfg.batch_size; rebuilt when a recovery from out-of-memory halves it."""
         cfg = self.cfg
+        # Each rank takes every world_size-th batch of the same (seed, epoch) order; with shards,
+        # pools stay inside one shard.
+        base = self.train_set.dataset
+        groups = (
+            [base.items[i]["shard"] for i in self.train_set.indices]
+            if isinstance(base, ShardedFeatureDataset)
+            else None
+        )
         self.sampler = BucketBatchSampler(
-            self.lengths["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=False
+            self.lengths["train"],
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=False,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            groups=groups,
         )
         self.val_batches = BucketBatchSampler(
             self.lengths["val"], cfg.batch_size, shuffle=False
-        ).batches()
+        ).batches()[self.rank :: self.world_size]
 
     def _dataset(self, split: str):
         """The split's utterances that the aligner can align (at least one frame per token)."""
@@ -294,7 +372,10 @@ class Trainer:
             self.cfg.num_workers == 0
             and self.meta.get("audio_seconds", math.inf) <= PRELOAD_MAX_AUDIO_S
         )
-        dataset = FeatureDataset(self.data_dir, split, preload=preload)
+        # A sharded store (training.shards) when the cache has one, else the per-file reader.
+        dataset = open_features(
+            self.data_dir, split, preload=preload, exclude_speakers=self.cfg.held_out_speakers or ()
+        )
         keep = [i for i, it in enumerate(dataset.items) if it["n_frames"] >= it["n_tokens"] > 0]
         dropped = len(dataset) - len(keep)
         if dropped:
@@ -304,9 +385,16 @@ class Trainer:
         return Subset(dataset, keep), [dataset.lengths[i] for i in keep]
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        # A fine-tune's frozen parts (cfg.freeze) get no gradient and no optimiser state; the
+        # speaker conditioning inside them stays trainable: a new voice must move it.
+        frozen = tuple(self.cfg.freeze or ())
+        for name, p in self.model.named_parameters():
+            if frozen and name.startswith(frozen) and not ("cond" in name or "speaker" in name):
+                p.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         # No weight decay on biases, norms and the embedding's scale-free rows (1-d tensors).
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.learning_rate,
@@ -316,25 +404,35 @@ class Trainer:
         )
 
     def autocast(self):
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.amp_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ data
 
     def _loader(self, batches: list[list[int]]) -> DataLoader:
         workers = self.cfg.num_workers
-        return DataLoader(
+        if workers > 0 and self._persistent is not None:
+            # Same worker processes every epoch (no re-spawn, maps and page cache stay warm):
+            # the loader reads its batch list from the plan, which runs in this process.
+            self._plan.batches = batches
+            return self._persistent
+        self._plan = _Plan(batches)
+        loader = DataLoader(
             self.train_set,
-            batch_sampler=batches,
+            batch_sampler=self._plan,
             collate_fn=collate,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=workers > 0,
             # Its own generator: making an iterator must not draw from the global RNG, or a
             # resumed run would see different dropout masks than an uninterrupted one.
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
+        if workers > 0:
+            self._persistent = loader
+        return loader
 
     def next_batch(self) -> dict:
         """The next training batch on the device; (epoch, batch_in_epoch) is the resume point."""
@@ -369,7 +467,10 @@ class Trainer:
         status = "finished"
         self.model.train()
         while self.step < cfg.steps:
-            if self.callbacks.should_stop():
+            stop = self.callbacks.should_stop()
+            if self.world_size > 1:
+                stop = distributed.all_reduce_sum([float(stop)])[0] > 0  # rank 0 asks for all
+            if stop:
                 status = "stopped"
                 break
             try:
@@ -387,6 +488,7 @@ class Trainer:
             self.save()
         if self._batches is not None:
             self._batches = None  # lets worker processes go
+        self._persistent = None
         return TrainResult(
             status=status,
             step=self.step,
@@ -402,34 +504,67 @@ class Trainer:
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.loss_fn.set_step(self.step)  # the binarisation ramp
 
         data_time, samples = 0.0, 0
         totals, parts = [], {name: [] for name in COMPONENTS}
-        for _ in range(cfg.grad_accum_steps):
+        for micro in range(cfg.grad_accum_steps):
             t = time.perf_counter()
             batch = self.next_batch()
             data_time += time.perf_counter() - t
             samples += batch["tokens"].shape[0]
-            with self.autocast():
-                outputs = self.compiled(batch)
-                loss, components = self.loss_fn(outputs)
-            (loss / cfg.grad_accum_steps).backward()
+            # DDP averages gradients over ranks in backward; the last micro-batch's is enough.
+            last = micro == cfg.grad_accum_steps - 1
+            sync = (
+                self.ddp.no_sync()
+                if self.ddp is not None and not last
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self.autocast():
+                    outputs = self.compiled(batch)
+                    loss, components = self.loss_fn(outputs)
+                self.scaler.scale(loss / cfg.grad_accum_steps).backward()
             totals.append(loss.detach().float())
             for name in COMPONENTS:
                 parts[name].append(components[name].detach().float())
         loss_value = float(torch.stack(totals).mean())
+        part_values = {n: float(torch.stack(v).mean()) for n, v in parts.items()}
+        self.scaler.unscale_(self.optimizer)  # fp16: clip and judge the true gradient
         # clip_grad_norm_ returns the norm before clipping: the guard and the controller need
         # the size of the gradient the batch produced, not the clipped one.
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
         )
+        if self.world_size > 1:
+            # The guard, the controller and the plateau breaker decide on these figures: the
+            # same numbers on every rank give the same verdicts, so the replicas never diverge.
+            reduced = distributed.all_reduce_mean([loss_value, grad_norm, *part_values.values()])
+            loss_value, grad_norm = reduced[0], reduced[1]
+            part_values = dict(zip(part_values, reduced[2:], strict=True))
 
-        verdict = self.guard.check(loss_value, grad_norm)
+        # fp16 loss scaling overflows now and then by design (the scaler probes for the largest
+        # safe scale): that skip is the scaler's, not a fault for the guard to count.
+        overflow = (
+            self.scaler.is_enabled() and math.isfinite(loss_value) and not math.isfinite(grad_norm)
+        )
+        if overflow:
+            verdict = Verdict(
+                skip=True,
+                reason=f"fp16 gradient overflow at loss scale {self.scaler.get_scale():g}; "
+                "scale lowered",
+            )
+        else:
+            verdict = self.guard.check(loss_value, grad_norm)
         if not verdict.skip:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # a plain optimizer.step() without fp16
+            if self.ema is not None:
+                self.ema.update(self.model)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        # The controller judges the clipped norm: the step the weights actually took.
-        self.loss_fn.observe(loss_value, grad_norm, clip_norm=cfg.grad_clip_norm)
+        if not overflow:
+            # The controller judges the clipped norm: the step the weights actually took.
+            self.loss_fn.observe(loss_value, grad_norm, clip_norm=cfg.grad_clip_norm)
         self.step += 1
 
         events, self.pending_events = self.pending_events, []
@@ -476,14 +611,14 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "loss/total": loss_value,
-            **{f"loss/{n}": float(torch.stack(v).mean()) for n, v in parts.items()},
+            **{f"loss/{n}": v for n, v in part_values.items()},
             **{f"weight/{n}": float(w) for n, w in self.loss_fn.weights.items()},
             "grad_norm": grad_norm,
             "lr": lr,
             "time/step": step_time,
             "time/data": data_time,
             "data_wait_share": data_time / step_time if step_time > 0 else 0.0,
-            "samples_per_s": samples / step_time if step_time > 0 else 0.0,
+            "samples_per_s": samples * self.world_size / step_time if step_time > 0 else 0.0,
             "guard/skipped": float(self.guard.skipped),
             "guard/rollbacks": float(self.guard.rollbacks),
             "events": events,
@@ -537,6 +672,8 @@ class Trainer:
             # A fresh average: the first losses of the starting weights set the bar again.
             self.guard.running_loss = None
             source, source_step = "the starting weights", self.start_state["step"]
+        if self.ema is not None:
+            self.ema.reset(self.model)  # the average may hold the weights that broke
         self.schedule.scale *= self.cfg.rollback_lr_factor
         return {
             "kind": "rollback",
@@ -553,6 +690,11 @@ class Trainer:
         and twice the accumulation, so each optimiser step still sees the same batch."""
         cfg = self.cfg
         failed_at = self.step + 1
+        if self.world_size > 1:
+            raise RuntimeError(
+                f"out of memory at step {failed_at} on rank {self.rank}: a run on several ranks "
+                "cannot halve one rank's batch alone; lower the batch size or the model size"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self._batches = None
         gc.collect()
@@ -590,6 +732,8 @@ class Trainer:
         self.model.load_state_dict(self.start_state["model"])
         self.optimizer.load_state_dict(self.start_state["optimizer"])
         self.loss_fn.load_state_dict(self.start_state["loss_state"])
+        if self.ema is not None:
+            self.ema.reset(self.model)
         self.guard = self._new_guard()
         self.schedule = LRSchedule(cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps)
         self.step, self.epoch, self.batch_in_epoch = self.start_state["step"], 0, 0
@@ -625,7 +769,12 @@ class Trainer:
                 for name in COMPONENTS:
                     sums[name] += float(components[name]) * n
                 count += n
-            samples = self.samples()
+            if self.world_size > 1:
+                # Each rank scored its share of the validation batches.
+                keys = list(sums)
+                reduced = distributed.all_reduce_sum([*sums.values(), count])
+                sums, count = dict(zip(keys, reduced[:-1], strict=True)), reduced[-1]
+            samples = self.samples() if self.is_main else []
         self.model.train()
 
         metrics = {"step": self.step, **{f"val/{k}": v / count for k, v in sums.items()}}
@@ -696,6 +845,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_dict(self) -> dict:
+        ckpt = self._checkpoint_dict()
+        if self.ema is not None:
+            ckpt["ema"] = self.ema.state_dict()
+        return ckpt
+
+    def _checkpoint_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
             "model_config": self.model_config.to_dict(),
@@ -708,11 +863,13 @@ class Trainer:
             "step": self.step,
             "loss_state": self.loss_fn.state_dict(),
             "guard_state": self.guard.state_dict(),
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
             "rng": rng_state(),
             "data_position": {
                 "epoch": self.epoch,
                 "batch": self.batch_in_epoch,
                 "batch_size": self.cfg.batch_size,
+                "world_size": self.world_size,
             },
             "config": self.cfg.flat(),
             "symbols": self.symbols,
@@ -722,20 +879,32 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "eval_step": self.last_eval_step,
             "best_val_loss": self.best_val_loss,
-            "speakers": self.meta.get("speaker_embeddings", {}),
+            # Held-out voices are not offered as seen speakers: the model never heard them.
+            "speakers": {
+                name: emb
+                for name, emb in self.meta.get("speaker_embeddings", {}).items()
+                if base_speaker(name) not in (self.cfg.held_out_speakers or ())
+            },
         }
 
     def save(self, best: bool = False) -> str:
-        ckpt = self.checkpoint_dict()
-        if best:
-            path = save_checkpoint(self.ckpt_dir / "best.pt", ckpt)
-        else:
-            path = save_checkpoint(step_checkpoint_path(self.out_dir, self.step), ckpt)
+        # Every rank's RNG, so a resumed N-rank run draws the same dropout masks on each rank.
+        ranks_rng = distributed.all_gather_object(rng_state()) if self.world_size > 1 else None
+        path = self.ckpt_dir / "best.pt" if best else step_checkpoint_path(self.out_dir, self.step)
+        if self.is_main:
+            ckpt = self.checkpoint_dict()
+            if ranks_rng is not None:
+                ckpt["rng_ranks"] = ranks_rng
+            path = save_checkpoint(path, ckpt)
+            if not best:
+                for old in self._checkpoints()[: -self.cfg.keep_last]:
+                    if str(old) != self.known_good:
+                        old.unlink(missing_ok=True)
+        # The other ranks read these files on a rollback: nobody goes on before they are on disk.
+        distributed.barrier()
+        if not best:
             self.last_checkpoint = str(path)
             self.last_saved_step = self.step
-            for old in self._checkpoints()[: -self.cfg.keep_last]:
-                if str(old) != self.known_good:
-                    old.unlink(missing_ok=True)
         self.callbacks.on_checkpoint(
             str(path), {"step": self.step, "val_loss": self.last_val_loss, "best": best}
         )
@@ -745,8 +914,9 @@ class Trainer:
         return step_checkpoints(self.out_dir)
 
     def _resume(self) -> bool:
-        for leftover in self.ckpt_dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)  # a write that died before its rename
+        if self.is_main:
+            for leftover in self.ckpt_dir.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)  # a write that died before its rename
         if not self._checkpoints():
             self.warnings.append(f"nothing to resume in {self.ckpt_dir}; starting from scratch")
             return False
@@ -756,18 +926,29 @@ class Trainer:
         return True
 
     def _load_newest(self) -> bool:
-        """Every state of the newest readable checkpoint; an unreadable one is set aside."""
-        for path in self._checkpoints()[::-1]:
-            try:
-                ckpt = load_checkpoint(path, map_location=self.device)
-            except CheckpointError as exc:
-                self.warnings.append(f"skipped an unreadable checkpoint: {exc}")
-                path.rename(path.with_name(path.name + ".unreadable"))
-                continue
-            self._load_state(ckpt)
-            self.last_checkpoint = str(path)
-            return True
-        return False
+        """Every state of the newest readable checkpoint; an unreadable one is set aside.
+
+        With several ranks, rank 0 alone looks (and renames) and the others load its choice.
+        """
+        chosen = None
+        if self.is_main:
+            for path in self._checkpoints()[::-1]:
+                try:
+                    chosen = (path, load_checkpoint(path, map_location=self.device))
+                    break
+                except CheckpointError as exc:
+                    self.warnings.append(f"skipped an unreadable checkpoint: {exc}")
+                    path.rename(path.with_name(path.name + ".unreadable"))
+        if self.world_size > 1:
+            name = distributed.broadcast_object(str(chosen[0]) if chosen else None)
+            if not self.is_main and name is not None:
+                chosen = (Path(name), load_checkpoint(name, map_location=self.device))
+        if chosen is None:
+            return False
+        path, ckpt = chosen
+        self._load_state(ckpt)
+        self.last_checkpoint = str(path)
+        return True
 
     def _load_state(self, ckpt: dict) -> None:
         if ckpt["size"] != self.cfg.size:
@@ -776,25 +957,52 @@ class Trainer:
             )
         if ckpt["symbols"] != self.symbols:
             raise ValueError("cannot resume: the feature cache's symbol table has changed")
-        self.model.load_state_dict(ckpt["model"])
+        if load_model_weights(self.model, ckpt["model"]):
+            # Its optimiser state has no slots for the new weights: it cannot continue exactly.
+            raise ValueError(
+                "cannot resume: the checkpoint was written before the model conditioned every "
+                "block on the speaker; start a new run from it with --init-from instead"
+            )
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                self.ema.reset(self.model)
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.plateau is not None and ckpt["scheduler"].get("plateau"):
             self.plateau.load_state_dict(ckpt["scheduler"]["plateau"])
         self.loss_fn.load_state_dict(ckpt["loss_state"])
         self.guard.load_state_dict(ckpt["guard_state"])
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         position = ckpt["data_position"]
         self.epoch = int(position["epoch"])
         # Saved with another micro-batch (before an out-of-memory recovery): the same share of
         # the epoch, counted in the batches of today's size.
+        # Likewise with another number of ranks: each rank's batch counts world_size batches.
         saved_batch = int(position.get("batch_size", self.cfg.batch_size))
-        self.batch_in_epoch = int(position["batch"]) * saved_batch // self.cfg.batch_size
+        saved = saved_batch * int(position.get("world_size", 1))
+        self.batch_in_epoch = (
+            int(position["batch"]) * saved // (self.cfg.batch_size * self.world_size)
+        )
         self.best_val_loss = ckpt.get("best_val_loss")
         self.last_val_loss = ckpt.get("val_loss")
         self.last_saved_step = self.step
         self.last_eval_step = int(ckpt.get("eval_step", -1))
-        set_rng_state(ckpt["rng"])
+        ranks_rng = ckpt.get("rng_ranks")
+        if ranks_rng and len(ranks_rng) == self.world_size:
+            set_rng_state(ranks_rng[self.rank])
+        else:
+            if ranks_rng or self.world_size > 1:
+                self.warnings.append(
+                    f"resumed with {self.world_size} rank(s) a checkpoint of "
+                    f"{len(ranks_rng or [1])}: the data order goes on, dropout draws differ"
+                )
+            set_rng_state(ckpt["rng"])
+            if self.world_size > 1:
+                torch.manual_seed(self.cfg.seed + self.rank + self.step)
         self._truncate_metrics(self.step)
 
     def _init_from(self, path) -> None:
@@ -804,7 +1012,9 @@ class Trainer:
         corpus brings new phonemes) still lends every symbol the two tables share.
         """
         ckpt = load_checkpoint(path, map_location=self.device)
-        if ckpt["model_config"] != self.model_config.to_dict():
+        # Compared through ModelConfig, so a checkpoint from before a config field existed
+        # (it gets the field's default) still matches its size.
+        if ModelConfig.from_dict(ckpt["model_config"]) != self.model_config:
             raise ValueError(
                 f"init_from {path}: it is a '{ckpt.get('size')}' model, this run trains "
                 f"'{self.cfg.size}'; pick a checkpoint of the same size"
@@ -819,10 +1029,14 @@ class Trainer:
                     self.model.embed.weight[i] = old_rows[old_index[symbol]]
         # The new corpus's statistics describe the data this run trains on.
         self.model.set_feature_stats(self.meta["stats"])
+        if self.ema is not None:
+            self.ema.reset(self.model)
 
     # ------------------------------------------------------------------ metrics file
 
     def _write_metrics(self, metrics: dict) -> None:
+        if not self.is_main:
+            return  # one metrics.jsonl per run: no step written twice
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # NaN is not JSON; the file keeps null where the callback saw a non-finite float.
         clean = {k: _finite_or_none(v) for k, v in metrics.items()}
@@ -831,7 +1045,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from; the resumed run logs them again."""
-        if not self.metrics_path.exists():
+        if not self.is_main or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text(encoding="utf-8").splitlines():

@@ -67,7 +67,7 @@
     if (this.plot) this.plot.destroy();
     const series = [{ label: "step" }].concat(this.names.map((name, k) => ({
       label: name, stroke: COLORS[k % COLORS.length], width: 1.5, spanGaps: true,
-      points: { show: name.indexOf("val/") === 0 }, value: (u, v) => fmt(v),
+      points: { show: name.indexOf("val/") === 0 || name.indexOf("score/") === 0 }, // sparse series value: (u, v) => fmt(v),
     })));
     const s = this.size();
     this.plot = new uPlot({

@@ -11,6 +11,10 @@
     "chart-loss": (n) => n === "loss/total" || n === "val/total",
     "chart-components": (n) => n.indexOf("loss/") === 0 && n !== "loss/total",
     "chart-val": (n) => n.indexOf("val/") === 0 && n !== "val/total",
+    // Checkpoint scores (studio.runs.tasks.SCORE_METRICS), the 0-1 ones together.
+    "chart-quality": (n) => ["score/quality", "score/secs_seen", "score/normalised_secs_unseen",
+      "score/wer_output", "score/speaker_secs"].indexOf(n) >= 0,
+    "chart-mcd": (n) => n === "score/mcd_db",
     "chart-weights": (n) => n.indexOf("weight/") === 0,
     "chart-grad": (n) => n === "grad_norm",
     "chart-lr": (n) => n === "lr",
@@ -125,9 +129,15 @@
     if (s.pending) return [el("span", { cls: "muted", text: "scoring…" })];
     if (s.state === "error") return [el("span", { cls: "error small", text: "Not scored: " + s.error })];
     if (s.state === "done") {
+      const skipped = Object.keys(s.skipped || {}).map((name) =>
+        el("span", { cls: "muted small skipped", "data-score": name, text: name + " skipped: " + s.skipped[name] }));
       return [
+        line("Q " + num(s.quality, 3), page.dataset.qualityFormula || ""),
         line("SECS " + num(s.secs_seen, 2), "Speaker similarity of the output and the real recording; two real clips of one speaker: " +
           num(s.secs_real_same_speaker, 2) + ", of two speakers: " + num(s.secs_real_different_speakers, 2)),
+        line("unseen " + num(s.normalised_secs_unseen, 2), "Voices it never heard (" + (s.unseen_speakers || []).join(", ") +
+          "), cloned from 3 clips and compared with their other clips: SECS " + num(s.secs_unseen, 2) + ", ceiling " +
+          num(s.secs_unseen_ceiling, 2) + ", floor " + num(s.secs_unseen_floor, 2) + "; normalised (SECS − floor) / (ceiling − floor)"),
         line("MCD " + num(s.mcd_db, 2, " dB"), "Mel cepstral distortion against the ground truth, DTW-aligned"),
         line("WER " + pct(s.wer_output) + " vs " + pct(s.wer_ground_truth) + " GT", "Word error rate of pocketsphinx on the output, and on the ground truth"),
         line("MOS " + num(s.dnsmos_ovrl, 2) + " vs " + num(s.dnsmos_ovrl_ground_truth, 2) + " GT",
@@ -135,7 +145,7 @@
         line("RTF " + num(s.rtf, 3), "Synthesis seconds per second of audio (CPU, one thread)"),
         el("span", { cls: "muted small", text: "on " + s.n_utterances + " utterance" + (s.n_utterances === 1 ? "" : "s") +
           (s.vocoder ? ", vocoder " + s.vocoder : "") }),
-      ];
+      ].concat(skipped);
     }
     if (s.state === "queued") return [el("span", { cls: "muted small", text: "queued, but no worker took it" })];
     return [el("span", { cls: "muted", text: "–" })];
@@ -162,7 +172,7 @@
         el("td", { cls: "scores" }, scoreCells(scores)),
         el("td", {}, [el("a", { href: c.download_url, text: "Download" }), document.createTextNode(" · "),
           el("a", { href: c.synthesize_url, text: "Synthesize" }), document.createTextNode(" "),
-          scores.pending ? null : scoreForm(c, token)]),
+          scores.pending || !c.score_url ? null : scoreForm(c, token)]),
       ]));
     }
   }

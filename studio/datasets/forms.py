@@ -89,3 +89,51 @@ class RegisterFolderForm(DatasetFields):
             except ValueError as exc:
                 self.add_error("path", str(exc))
         return cleaned
+
+
+class HeldOutSpeakersForm(forms.Form):
+    """Which speakers of a dataset stay out of training, to be scored as voices never heard.
+
+    Cloning them needs 3 clips for the reference and at least one other clip to compare the
+    output with, and training needs at least one speaker left.
+    """
+
+    MIN_CLIPS = 4
+
+    held_out = forms.ModelMultipleChoiceField(
+        queryset=None,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        label="Held-out speakers",
+    )
+
+    def __init__(self, dataset: Dataset, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dataset = dataset
+        speakers = dataset.speakers.filter(n_utterances__gt=0).order_by("name")
+        self.fields["held_out"].queryset = speakers
+        self.fields["held_out"].label_from_instance = lambda s: f"{s.name} ({s.n_utterances})"
+        self.fields["held_out"].initial = [s.pk for s in speakers if s.held_out]
+
+    def clean_held_out(self):
+        chosen = list(self.cleaned_data["held_out"])
+        total = self.fields["held_out"].queryset.count()
+        if chosen and len(chosen) >= total:
+            raise forms.ValidationError(
+                "Keep at least one speaker for training: every speaker is marked held out."
+            )
+        few = [s.name for s in chosen if s.n_utterances < self.MIN_CLIPS]
+        if few:
+            raise forms.ValidationError(
+                f"{', '.join(few)}: a held-out speaker needs at least {self.MIN_CLIPS} usable "
+                "clips (3 to clone the voice from, and others to compare the output with)."
+            )
+        return chosen
+
+    def save(self) -> list[str]:
+        """Store the choice on the Speaker rows; the names held out, sorted."""
+        chosen = {s.pk for s in self.cleaned_data["held_out"]}
+        speakers = self.dataset.speakers.all()
+        speakers.filter(pk__in=chosen).update(held_out=True)
+        speakers.exclude(pk__in=chosen).update(held_out=False)
+        return sorted(speakers.filter(held_out=True).values_list("name", flat=True))

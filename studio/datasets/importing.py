@@ -9,8 +9,10 @@ Two steps, each a Celery task on the `cpu` queue (see studio.datasets.tasks):
    final problems, the train/validation split and each speaker's mean embedding.
 
 Both steps can be run again after a worker dies: import skips rows it already wrote, and
-preprocessing keeps every finished feature file. The `updated` time of the Dataset row is the
-heartbeat that tells a dead step from a running one.
+preprocessing keeps every finished feature file. Each step first claims the dataset
+(`Dataset.claim`, like a run's claim): a second task for a dataset whose worker is alive does
+nothing, every write of the step is conditional on the claim, and a heartbeat on the database's
+clock tells a dead step from a running one.
 
 Rows of files that are not utterances (a skipped archive member, a metadata file with a
 missing column) are stored as unusable `Utterance` rows with an empty audio path and an
@@ -32,12 +34,14 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.utils import timezone
 
+from studio import workers
 from studio.datasets.archives import (
     ArchiveLimits,
     ArchiveRefused,
@@ -205,14 +209,50 @@ def _problem_dict(p: Problem, stage: str) -> dict:
     return {"code": p.code, "message": p.message, "severity": p.severity, "stage": stage}
 
 
-def _fail(dataset: Dataset, message: str) -> None:
-    Dataset.objects.filter(pk=dataset.pk).update(
+def _fail(dataset: Dataset, message: str) -> int:
+    """FAILED with the reason, while this attempt holds the dataset; the rows written (0/1)."""
+    written = _rows(dataset).update(
         status=Dataset.Status.FAILED,
         status_message=message,
         eta_seconds=None,
         updated=timezone.now(),
     )
-    dataset.refresh_from_db()
+    _reload(dataset)
+    return written
+
+
+def _reload(dataset: Dataset) -> None:
+    """Read the row again, all but the claim: the attempt must keep writing under its own claim
+    (and so write nothing) even after another attempt has taken the row over."""
+    keep = ("id", "worker", "attempts")
+    dataset.refresh_from_db(
+        fields=[f.attname for f in Dataset._meta.concrete_fields if f.name not in keep]
+    )
+
+
+def _rows(dataset: Dataset):
+    """The dataset's row while this attempt holds it (no row once another attempt took it)."""
+    return dataset.claimed() if dataset.worker else Dataset.objects.filter(pk=dataset.pk)
+
+
+@contextmanager
+def _claimed(dataset_id: int, step: str, worker: str):
+    """The dataset claimed for `step` by the worker process `worker` (this process when empty),
+    with its heartbeat beating while the step runs; None when the step is not this task's to do.
+    """
+    ident = worker or workers.worker_ident(None)
+    dataset, how = Dataset.claim(dataset_id, step, ident, workers.host_of(ident.rpartition(":")[0]))
+    if dataset is None:
+        log.info("dataset %s: %s not started: %s", dataset_id, step, how)
+        yield None
+        return
+    log.info("dataset %s: %s attempt %d on %s (%s)", dataset_id, step, dataset.attempts, ident, how)
+    heartbeat = workers.Heartbeat(f"dataset-{dataset_id}", dataset.beat)
+    heartbeat.start()
+    try:
+        yield dataset
+    finally:
+        heartbeat.stop()
 
 
 def _extract(dataset: Dataset) -> list[tuple[str, str]]:
@@ -234,17 +274,18 @@ def _extract(dataset: Dataset) -> list[tuple[str, str]]:
     return skipped
 
 
-def import_dataset(dataset_id: int) -> Dataset | None:
-    """Step 1. Returns the dataset, or None when it is gone or already past this step."""
-    dataset = Dataset.objects.filter(pk=dataset_id).first()
-    if dataset is None:
-        return None
-    if dataset.status not in (Dataset.Status.NEW, Dataset.Status.IMPORTING):
-        return None
-    Dataset.objects.filter(pk=dataset.pk).update(
-        status=Dataset.Status.IMPORTING, status_message="Reading the metadata", progress=0.0
-    )
-    dataset.refresh_from_db()
+def import_dataset(dataset_id: int, worker: str = "") -> Dataset | None:
+    """Step 1. Returns the dataset, or None when it is gone, past this step, held by a live
+    worker, or taken by another attempt meanwhile. `worker` names the calling process."""
+    with _claimed(dataset_id, "import", worker) as dataset:
+        if dataset is None:
+            return None
+        return _import(dataset)
+
+
+def _import(dataset: Dataset) -> Dataset | None:
+    _rows(dataset).update(status_message="Reading the metadata", progress=0.0)
+    _reload(dataset)
     try:
         skipped = _extract(dataset) if dataset.source == Dataset.Source.UPLOAD else []
         root = raw_dir(dataset)
@@ -262,27 +303,30 @@ def import_dataset(dataset_id: int) -> Dataset | None:
     if fmt is None:
         from training.corpus import detect_format
 
-        Dataset.objects.filter(pk=dataset.pk).update(format=detect_format(root))
+        _rows(dataset).update(format=detect_format(root))
     _store_items(dataset, items, problems, skipped)
     _refresh_totals(dataset)
-    dataset.refresh_from_db()
+    _reload(dataset)
     usable = dataset.utterances.filter(usable=True).count()
     if usable == 0:
         top = _top_messages(dataset)
-        Dataset.objects.filter(pk=dataset.pk).update(
+        finished = _rows(dataset).update(
             status=Dataset.Status.FAILED,
             status_message="No usable utterances. " + top,
             progress=1.0,
             eta_seconds=None,
         )
     else:
-        Dataset.objects.filter(pk=dataset.pk).update(
+        finished = _rows(dataset).update(
             status=Dataset.Status.IMPORTED,
             status_message=f"Imported {usable} utterances.",
             progress=1.0,
             eta_seconds=None,
         )
-    dataset.refresh_from_db()
+    if not finished:
+        log.warning("dataset %s: another attempt holds it now; leaving it alone", dataset.pk)
+        return None
+    _reload(dataset)
     return dataset
 
 
@@ -413,20 +457,23 @@ def _refresh_totals(dataset: Dataset) -> None:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def preprocess_dataset(dataset_id: int, workers: int | None = None) -> Dataset | None:
-    """Step 2. Safe to call again after a crash: finished feature files are kept."""
+def preprocess_dataset(
+    dataset_id: int, workers: int | None = None, worker: str = ""
+) -> Dataset | None:
+    """Step 2. Safe to call again after a crash: finished feature files are kept. None when
+    the step is not due, a live worker holds it, or another attempt took it meanwhile."""
+    with _claimed(dataset_id, "preprocess", worker) as dataset:
+        if dataset is None:
+            return None
+        return _preprocess(dataset, workers)
+
+
+def _preprocess(dataset: Dataset, workers: int | None) -> Dataset | None:
     from training.preprocess import preprocess_corpus
 
-    dataset = Dataset.objects.filter(pk=dataset_id).first()
-    if dataset is None or dataset.status not in (
-        Dataset.Status.IMPORTED,
-        Dataset.Status.PREPROCESSING,
-    ):
-        return None
-    Dataset.objects.filter(pk=dataset.pk).update(
-        status=Dataset.Status.PREPROCESSING, progress=0.0, eta_seconds=None
-    )
-    dataset.refresh_from_db()
+    dataset_id = dataset.pk
+    _rows(dataset).update(progress=0.0, eta_seconds=None)
+    _reload(dataset)
     # The same utterances on every attempt (those the import kept), so a repeated run builds the
     # same symbol table and every finished feature file is reused as it is.
     utterances = [
@@ -445,15 +492,23 @@ def preprocess_dataset(dataset_id: int, workers: int | None = None) -> Dataset |
     last_check = [0.0, False]
 
     def should_stop() -> bool:
-        # A deleted dataset stops its preprocessing; asking the database every few seconds is
-        # enough for that and keeps the loop fast.
+        # A deleted dataset, or one another attempt took over (this worker was thought dead),
+        # stops this preprocessing; asking every few seconds is enough and keeps the loop fast.
         now = time.monotonic()
         if now - last_check[0] > 5.0:
             last_check[0] = now
-            last_check[1] = not Dataset.objects.filter(pk=dataset_id).exists()
+            last_check[1] = not _rows(dataset).exists()
         return last_check[1]
 
     try:
+        # A large corpus: its feature files first, in parts shared by every cpu worker; the
+        # pass below then reuses them all (studio.datasets.parts).
+        from studio.datasets import parts
+
+        if parts.part_count(len(items)) > 1 and not parts.preprocess_in_parts(
+            dataset, items, out, _Progress(dataset, "Preprocessing in parts"), should_stop, "cpu"
+        ):
+            return None
         result = preprocess_corpus(
             items,
             out,
@@ -461,6 +516,9 @@ def preprocess_dataset(dataset_id: int, workers: int | None = None) -> Dataset |
             progress=_Progress(dataset, "Preprocessing"),
             should_stop=should_stop,
             workers=workers or preprocess_workers(),
+            # A person's review decisions (the review queue) win over the gate's verdicts.
+            overrides={u.item_id: u.review_decision for u in utterances if u.review_decision},
+            asr=settings.STUDIO_QUALITY_ASR,
         )
     except Exception as exc:  # a broken corpus must end as a readable status, not a traceback
         log.exception("preprocessing dataset %s failed", dataset_id)
@@ -468,13 +526,13 @@ def preprocess_dataset(dataset_id: int, workers: int | None = None) -> Dataset |
         return dataset
     if result.stopped:
         return None
-    _store_features(dataset, utterances, out, result.problems)
+    _store_features(dataset, utterances, out, result.problems, result.verdicts)
     _refresh_totals(dataset)
-    dataset.refresh_from_db()
+    _reload(dataset)
     if dataset.n_utterances == 0:
-        _fail(dataset, "No utterance survived preprocessing. " + _top_messages(dataset))
+        finished = _fail(dataset, "No utterance survived preprocessing. " + _top_messages(dataset))
     else:
-        Dataset.objects.filter(pk=dataset.pk).update(
+        finished = _rows(dataset).update(
             status=Dataset.Status.READY,
             cache_dir=str(out),
             progress=1.0,
@@ -484,12 +542,19 @@ def preprocess_dataset(dataset_id: int, workers: int | None = None) -> Dataset |
                 f" in {result.elapsed_s:.0f} s."
             ),
         )
-    dataset.refresh_from_db()
+    if not finished:
+        log.warning("dataset %s: another attempt holds it now; leaving it alone", dataset_id)
+        return None
+    _reload(dataset)
     return dataset
 
 
 def _store_features(
-    dataset: Dataset, utterances: list[Utterance], out: Path, problems: Iterable[Problem]
+    dataset: Dataset,
+    utterances: list[Utterance],
+    out: Path,
+    problems: Iterable[Problem],
+    verdicts: dict | None = None,
 ) -> None:
     from training.data import read_items, read_meta
 
@@ -504,7 +569,17 @@ def _store_features(
         record = records.get(u.item_id)
         u.usable = record is not None
         u.split = record["split"] if record else Utterance.Split.NONE
-    Utterance.objects.bulk_update(utterances, ["problems", "usable", "split"], batch_size=BATCH)
+        # The quality gate's verdict; a clip it did not judge (not decoded) has none.
+        judged = (verdicts or {}).get(u.item_id)
+        u.verdict = judged["verdict"] if judged else Utterance.Verdict.UNJUDGED
+        u.verdict_reasons = judged["reasons"] if judged else []
+        u.quality = dict(judged["scores"], similarity=judged["similarity"]) if judged else {}
+        u.badness = judged["badness"] if judged else 0.0
+    Utterance.objects.bulk_update(
+        utterances,
+        ["problems", "usable", "split", "verdict", "verdict_reasons", "quality", "badness"],
+        batch_size=BATCH,
+    )
     embeddings = read_meta(out).get("speaker_embeddings", {})
     for speaker in dataset.speakers.all():
         if speaker.name in embeddings:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib import messages
+from django.core.exceptions import ValidationError
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
+from django.db.models import Q
 from django.db.models.deletion import ProtectedError
 from django.http import (
     Http404,
@@ -20,7 +22,7 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
 from studio.datasets import importing, reports, tasks
-from studio.datasets.forms import RegisterFolderForm, UploadDatasetForm
+from studio.datasets.forms import HeldOutSpeakersForm, RegisterFolderForm, UploadDatasetForm
 from studio.models import Dataset, Utterance
 from studio.security import audio_file_response
 
@@ -149,9 +151,33 @@ def dataset_detail(request, pk: int):
             "split": reports.split_counts(dataset),
             "examples": reports.examples(dataset),
             "stale": tasks.is_stale(dataset),
-            "can_retry": dataset.status == Dataset.Status.FAILED or tasks.is_stale(dataset),
+            "can_retry": tasks.can_retry(dataset),
+            "held_out_form": HeldOutSpeakersForm(dataset),
+            "review_queue": reports.review_queue(dataset),
+            "review_counts": reports.review_counts(dataset),
         },
     )
+
+
+@require_POST
+def dataset_held_out(request, pk: int):
+    """Mark the speakers kept out of training; runs created afterwards leave them out."""
+    dataset = _dataset(request, pk)
+    form = HeldOutSpeakersForm(dataset, request.POST)
+    if not form.is_valid():
+        for error in form.errors.get("held_out", []) + form.non_field_errors():
+            messages.error(request, error)
+        return redirect(dataset.get_absolute_url())
+    names = form.save()
+    if names:
+        messages.success(
+            request,
+            f"Held out: {', '.join(names)}. Runs created from now on never train on them; "
+            "their scores clone them from 3 clips.",
+        )
+    else:
+        messages.success(request, "No speaker is held out: runs train on every speaker.")
+    return redirect(dataset.get_absolute_url())
 
 
 @require_GET
@@ -194,9 +220,11 @@ def dataset_durations_png(request, pk: int):
 
 def _utterance(request, pk: int, uid: int) -> Utterance:
     """A usable utterance of a visible dataset: rows a problem dropped (a file that did not
-    decode as audio, say a page.html named by the metadata) are never served in any form."""
+    decode as audio, say a page.html named by the metadata) are never served in any form.
+    Clips the quality gate judged decoded fine, so the review queue may play those it dropped."""
     dataset = _dataset(request, pk)
-    usable = dataset.utterances.filter(usable=True, sample_rate__isnull=False)
+    decoded = Q(usable=True) | ~Q(verdict="")
+    usable = dataset.utterances.filter(decoded, sample_rate__isnull=False)
     utterance = get_object_or_404(usable.exclude(audio_path=""), pk=uid)
     utterance.dataset = dataset
     return utterance
@@ -258,3 +286,61 @@ def dataset_delete(request, pk: int):
     importing.delete_files(folder)
     messages.success(request, f"Deleted “{name}”.")
     return redirect("dataset_list")
+
+
+# --------------------------------------------------------------------------- the review queue
+
+
+@require_GET
+def dataset_quality_png(request, pk: int):
+    dataset = _dataset(request, pk)
+    speaker = request.GET.get("speaker", "")[:200]
+    response = HttpResponse(
+        reports.quality_histogram_png(dataset, speaker), content_type="image/png"
+    )
+    response["Cache-Control"] = "private, max-age=10"
+    return response
+
+
+@require_POST
+def utterance_review(request, pk: int, uid: int):
+    """Keep, drop or correct the transcript of a clip the quality gate flagged; recorded with
+    who and when, applied at the next preprocessing."""
+    dataset = _dataset(request, pk)
+    utterance = get_object_or_404(dataset.utterances.exclude(verdict=""), pk=uid)
+    decision = request.POST.get("decision", "")
+    text = request.POST.get("text")
+    if decision not in ("", "keep", "drop"):
+        messages.error(request, "Choose keep or drop.")
+        return redirect(dataset.get_absolute_url() + "#review")
+    if text is not None and len(text) > 5000:
+        messages.error(request, "That transcript is too long (5000 characters at most).")
+        return redirect(dataset.get_absolute_url() + "#review")
+    try:
+        utterance.review(request.user, decision, text)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect(dataset.get_absolute_url() + "#review")
+    done = {"keep": "kept", "drop": "dropped"}.get(decision, "saved")
+    messages.success(
+        request,
+        f"“{utterance.item_id}” {done}. Apply the review to preprocess again; only changed "
+        "clips are redone.",
+    )
+    return redirect(dataset.get_absolute_url() + "#review")
+
+
+@require_POST
+def dataset_apply_review(request, pk: int):
+    """Preprocess again so review decisions and corrected transcripts take effect: every
+    unchanged clip's features and scores are reused, only edited clips are redone."""
+    dataset = _dataset(request, pk)
+    moved = Dataset.objects.filter(pk=dataset.pk, status=Dataset.Status.READY).update(
+        status=Dataset.Status.IMPORTED, status_message="Preprocessing again to apply the review."
+    )
+    if not moved:
+        messages.info(request, "The dataset is busy; apply the review once it is ready.")
+        return redirect(dataset.get_absolute_url())
+    tasks.queue_preprocess(dataset)
+    messages.success(request, "Applying the review: preprocessing reuses every unchanged clip.")
+    return redirect(dataset.get_absolute_url())

@@ -13,14 +13,16 @@ from pathlib import Path
 from django import forms
 from django.db import transaction
 
-from studio.models import Checkpoint, Dataset, Run, TrainingConfig
+from studio.models import RANKS_RANGE, Checkpoint, Dataset, Run, TrainingConfig
 from training.config import (
     BATCH_RANGES,
+    FEW_SHOT_CLIPS,
     OPTIMIZATION_LEVELS,
     TrainConfig,
     UnsafeConfig,
     batch_warning,
     check_safe,
+    few_shot_preset,
     preset,
 )
 from training.vocoder import VocoderConfig
@@ -47,6 +49,7 @@ class RunForm(forms.Form):
     SOURCES = [
         ("preset", "A preset (model size + optimization level)"),
         ("config", "A saved config"),
+        ("fewshot", "A new voice: the few-shot fine-tune of a multi-speaker checkpoint"),
     ]
     STARTS = [
         ("scratch", "From scratch"),
@@ -87,6 +90,14 @@ class RunForm(forms.Form):
     batch_size = forms.IntegerField(required=False, min_value=1, max_value=4096)
     eval_every = forms.IntegerField(required=False, min_value=1, max_value=10_000_000)
     checkpoint_every = forms.IntegerField(required=False, min_value=1, max_value=10_000_000)
+    # Bounds are checked in clean_ranks, so the refusal names the range.
+    ranks = forms.IntegerField(
+        required=False,
+        initial=1,
+        label="Ranks (GPUs)",
+        help_text=f"Processes to train on, {RANKS_RANGE[0]}-{RANKS_RANGE[1]}: one per GPU of the "
+        "worker (DDP). The batch size is per rank.",
+    )
     start = forms.ChoiceField(choices=STARTS, initial="scratch", widget=forms.RadioSelect)
     checkpoint = forms.ModelChoiceField(queryset=Checkpoint.objects.none(), required=False)
 
@@ -120,6 +131,15 @@ class RunForm(forms.Form):
     def clean_kind(self):
         return self.cleaned_data.get("kind") or Run.Kind.ACOUSTIC
 
+    def clean_ranks(self):
+        ranks = self.cleaned_data.get("ranks")
+        if ranks is None:
+            return 1
+        low, high = RANKS_RANGE
+        if not low <= ranks <= high:
+            raise forms.ValidationError(f"Ranks must be between {low} and {high} (got {ranks}).")
+        return ranks
+
     def clean(self):
         data = super().clean()
         if self.errors:
@@ -132,6 +152,10 @@ class RunForm(forms.Form):
                 self.add_error("config", "Pick a saved config, or choose a preset instead.")
                 return data
             values = config.values()
+        elif data["source"] == "fewshot":
+            values = self._few_shot_values(data)
+            if values is None:
+                return data
         else:
             size, level = data.get("model_size"), data.get("optimization_level")
             if not size:
@@ -144,6 +168,12 @@ class RunForm(forms.Form):
         for name in self.OVERRIDES:
             if data.get(name) is not None:
                 values[name] = data[name]
+        # The dataset's held-out speakers are frozen into the run, so a resume never trains on
+        # a voice its scores treat as unseen, even if the dataset page changes later.
+        held_out = set(values.get("held_out_speakers") or []) | set(
+            data["dataset"].held_out_speakers()
+        )
+        values["held_out_speakers"] = sorted(held_out)
         values = TrainConfig.from_flat(values).flat()
         try:
             check_safe(values)
@@ -163,8 +193,42 @@ class RunForm(forms.Form):
         self.values = values
         return data
 
+    def _few_shot_values(self, data: dict) -> dict | None:
+        """training.config.few_shot_preset for the base checkpoint's size; the run fine-tunes
+        that checkpoint whatever "start" says. Warns when the data is not what the preset is
+        made for (one speaker, 30-100 clips) or the base knows a single voice."""
+        ckpt = data.get("checkpoint")
+        if ckpt is None:
+            self.add_error(
+                "checkpoint", "Pick the multi-speaker checkpoint the new voice starts from."
+            )
+            return None
+        data["start"] = "finetune"
+        size = (ckpt.run.config_snapshot or {}).get("size") or "tiny"
+        dataset = data["dataset"]
+        held_out = set(dataset.held_out_speakers())
+        speakers = [
+            s for s in dataset.speakers.filter(n_utterances__gt=0) if s.name not in held_out
+        ]
+        clips = sum(s.n_utterances for s in speakers)
+        low, high = FEW_SHOT_CLIPS
+        if len(speakers) != 1 or not low <= clips <= high:
+            self.warnings.append(
+                f"The few-shot preset is made for one speaker's {low}-{high} clips; this dataset "
+                f"has {len(speakers)} speaker(s) and {clips} clips."
+            )
+        if ckpt.run.dataset.n_speakers < 2:
+            self.warnings.append(
+                f"{ckpt.label} was trained on {ckpt.run.dataset.n_speakers} speaker(s): a new "
+                "voice starts best from a multi-speaker checkpoint."
+            )
+        return few_shot_preset(size).flat()
+
     def _clean_vocoder(self, data: dict) -> dict:
         """VocoderConfig's defaults (the HiFi-GAN recipe) with the length and batch overrides."""
+        if data.get("ranks", 1) > 1:
+            self.add_error("ranks", "A vocoder fine-tune trains on one rank: set ranks to 1.")
+            return data
         values = VocoderConfig().to_dict()
         for name in self.OVERRIDES:
             if data.get(name) is not None:
@@ -233,6 +297,8 @@ class RunForm(forms.Form):
             config = None  # the snapshot is a VocoderConfig; no saved acoustic config applies
         elif data["source"] == "config":
             config = data["config"]
+        elif data["source"] == "fewshot":
+            config = None  # the snapshot is training.config.few_shot_preset, not a saved config
         else:
             config = TrainingConfig.objects.preset(
                 self.user, data["model_size"], data["optimization_level"]
@@ -246,6 +312,7 @@ class RunForm(forms.Form):
             acoustic_checkpoint=data.get("acoustic_checkpoint") if vocoder else None,
             config=config,
             config_snapshot=self.values,
+            ranks=data.get("ranks") or 1,
             total_steps=self.values["steps"],
             resume_from=ckpt if data["start"] == "resume" else None,
             init_from=ckpt if data["start"] == "finetune" else None,

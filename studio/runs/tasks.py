@@ -147,6 +147,17 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
                 run, f"Cannot resume: checkpoint file {run.resume_from.path} is gone.", publisher
             )
         seed_from_checkpoint(run, out_dir)
+    if run.ranks > 1:
+        from studio.runs.ranks import train_ranked  # the launcher of torchrun
+
+        return train_ranked(run, publisher)
+    return fit(run, publisher)
+
+
+def fit(run: Run, publisher: live.Publisher, fail_on=(Exception,)) -> str:
+    """Train in this process and record the outcome. An exception outside `fail_on` is raised,
+    not recorded (a rank of a torchrun group leaves that verdict to its supervisor)."""
+    out_dir = Path(run.out_dir)
     resume = bool(step_checkpoints(out_dir))
     init_from = run.init_from.path if (run.init_from_id and not resume) else None
     known = set(run.events.filter(kind="diagnosis").values_list("data__code", flat=True))
@@ -183,7 +194,7 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
         # Another attempt owns the run now: leave every row to it.
         logger.warning("run %s: stopped, %s", run.pk, exc)
         return "claim lost"
-    except Exception as exc:
+    except fail_on as exc:
         try:
             callbacks.flush()  # keep what was learned before the failure
         except Exception:
@@ -213,6 +224,20 @@ def _train(run: Run, publisher: live.Publisher, how: str, ident: str) -> str:
     return run.status
 
 
+def record_left_out(run: Run) -> None:
+    """Which clips this run never sees, and why, as the dataset stood when it first started
+    (a review applied later changes the dataset, not what this run trained on)."""
+    if run.events.filter(kind="data").exists():
+        return
+    from studio.datasets.reports import left_out
+
+    counts = left_out(run.dataset)
+    total = sum(counts.values())
+    words = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    message = f"{total} clips left out of training: {words}" if total else "no clip left out"
+    run.event("data", message, 0, {"left_out": counts})
+
+
 def check_config(run: Run) -> None:
     """The worker's own check of the stored config: the safe ranges for an acoustic run,
     VocoderConfig's for a vocoder run (TypeError/ValueError naming the field)."""
@@ -224,6 +249,7 @@ def check_config(run: Run) -> None:
 
 def build_trainer(run: Run, callbacks: StudioCallbacks, resume: bool, init_from: str | None):
     """The trainer of the run's kind, on the dataset's cache, in the run's folder."""
+    record_left_out(run)
     cache_dir, out_dir = run.dataset.cache_dir, Path(run.out_dir)
     if run.kind == Run.Kind.VOCODER:
         values = dict(run.config_snapshot)
@@ -241,6 +267,9 @@ def build_trainer(run: Run, callbacks: StudioCallbacks, resume: bool, init_from:
             VocoderConfig(**values), cache_dir, out_dir, callbacks, resume, audio_files
         )
     cfg = run.train_config()
+    if "held_out_speakers" not in (run.config_snapshot or {}):
+        # A run made without the form (admin, API, an older row): the dataset's choice now.
+        cfg.held_out_speakers = run.dataset.held_out_speakers()
     vocoder = eval_vocoder(run, cfg.device)
     return Trainer(
         cfg, cache_dir, out_dir, callbacks, resume=resume, init_from=init_from, vocoder=vocoder
@@ -282,11 +311,112 @@ def _fail(run: Run, message: str, publisher: live.Publisher) -> str:
 
 
 def score_best_checkpoint(run_id: int) -> None:
-    """A run that finished: score its best checkpoint (its newest when none is marked best)."""
+    """A run that finished: score the checkpoints no scoring reached yet (every checkpoint is
+    queued as it is written; a broker hiccup then, or best.pt's row, can leave one out)."""
     checkpoints = Checkpoint.objects.select_related("run").filter(run_id=run_id)
-    ckpt = checkpoints.filter(is_best=True).first() or checkpoints.order_by("-step").first()
-    if ckpt is not None and ckpt.queue_scoring():
-        live.publish_checkpoints(ckpt.run)
+    queued = [c for c in checkpoints.order_by("-step") if not c.scores and c.queue_scoring()]
+    if queued:
+        live.publish_checkpoints(queued[0].run)
+
+
+# Clips per other speaker for the floor of the unseen-voice SECS (a few are enough: the floor
+# is a mean over voices, and each clip is embedded once per worker).
+FLOOR_CLIPS_PER_SPEAKER = 5
+# Clips of the fine-tuned voice it never trained on (validation split) that its SECS is judged by.
+SPEAKER_CHECK_TARGETS = 10
+
+
+def scoring_inputs(run: Run) -> dict:
+    """What synthesis.evaluate needs from the studio's rows: the run's held-out speakers with all
+    their clips, other speakers' clips for the floor, the dataset's language, and for a
+    fine-tune of a single voice the clips that judge it (3 training clips to clone it from,
+    validation clips it never trained on to compare with)."""
+    snapshot = run.config_snapshot or {}
+    clips = run.dataset.clips_by_speaker()
+    names = snapshot.get("held_out_speakers")
+    if names is None:
+        names = run.dataset.held_out_speakers()
+    held_out = {n: [p for _, p in clips[n]] for n in names if n in clips}
+    floor = {n: [p for _, p in c[:FLOOR_CLIPS_PER_SPEAKER]] for n, c in clips.items()}
+    inputs = {
+        "held_out": held_out,
+        "floor_clips": floor,
+        "language": run.dataset.language,
+        "speaker_check": None,
+    }
+    trained = [n for n in clips if n not in held_out]
+    if run.init_from_id and len(trained) == 1:
+        (name,) = trained
+        train = [p for split, p in clips[name] if split == "train"]
+        val = [p for split, p in clips[name] if split == "val"]
+        if len(train) >= 3 and val:
+            inputs["speaker_check"] = {
+                "speaker": name,
+                "reference": train[:3],
+                "targets": val[:SPEAKER_CHECK_TARGETS],
+            }
+    return inputs
+
+
+# Scores that also become metric points ("score/<name>", at the checkpoint's step), so the run
+# page draws quality by step beside the losses, and the history outlives pruned checkpoints.
+SCORE_METRICS = (
+    "quality",
+    "secs_seen",
+    "normalised_secs_unseen",
+    "secs_unseen",
+    "wer_output",
+    "wer_ground_truth",
+    "dnsmos_ovrl",
+    "mcd_db",
+    "rtf",
+)
+
+
+def score_points(scores: dict) -> dict[str, float]:
+    points = {
+        f"score/{k}": scores[k] for k in SCORE_METRICS if isinstance(scores.get(k), (int, float))
+    }
+    check = scores.get("speaker_check") or {}
+    if isinstance(check.get("secs"), (int, float)):
+        points["score/speaker_secs"] = check["secs"]
+    return points
+
+
+def record_score_points(ckpt: Checkpoint, scores: dict) -> list[dict]:
+    """Store the scores as metric points (a rescore replaces them); the points for the page."""
+    from studio.models import MetricPoint
+
+    points = score_points(scores)
+    if not points:
+        return []
+    MetricPoint.objects.filter(run_id=ckpt.run_id, step=ckpt.step, name__in=list(points)).delete()
+    MetricPoint.record(ckpt.run_id, ckpt.step, points)
+    return [{"step": ckpt.step, "t": timezone.now().timestamp(), "m": points}]
+
+
+def base_speaker_secs(run: Run, check: dict) -> None:
+    """A fine-tune's "before": its base checkpoint scored on the same clips, once per run, kept
+    as a `fewshot` event so the page shows it beside every checkpoint's "after"."""
+    from studio.synthesis.vocoders import eval_name
+    from synthesis.engine import Synthesizer
+    from synthesis.evaluate import FEW_SHOT_TEXTS, speaker_secs
+
+    if run.events.filter(kind="fewshot").exists() or not run.init_from_id:
+        return
+    path = Path(run.init_from.path)
+    try:
+        synth = Synthesizer(path, "cpu", vocoder=eval_name())
+        before = speaker_secs(synth, check["reference"], check["targets"], FEW_SHOT_TEXTS)
+        message = (
+            f"SECS of the base checkpoint ({run.init_from.label}) on {check['speaker']}'s "
+            f"{len(check['targets'])} clips it never trained on: {before['secs']:.3f} "
+            f"(two sets of real clips: {before['ceiling']:.3f})"
+        )
+        data = plain(dict(before, speaker=check["speaker"], base=run.init_from_id))
+    except Exception as exc:
+        message, data = f"the base checkpoint was not scored: {readable(exc)}", {"error": True}
+    run.event("fewshot", message, 0, data=data)
 
 
 def readable(exc: BaseException) -> str:
@@ -334,11 +464,14 @@ def evaluate(ckpt: Checkpoint, n: int) -> dict:
         raise FileNotFoundError(
             f"the feature cache of dataset “{ckpt.run.dataset}” is missing ({cache_dir or 'none'})"
         )
+    inputs = scoring_inputs(ckpt.run)
     threads = torch.get_num_threads()
     configure_cpu_threads(settings.STUDIO_SYNTH_THREADS)
     try:
+        if inputs["speaker_check"]:
+            base_speaker_secs(ckpt.run, inputs["speaker_check"])
         # The scores name their vocoder ("vocoder") and carry DNSMOS OVRL beside SECS/MCD/WER.
-        return evaluate_checkpoint(path, cache_dir, n, "cpu", vocoder=eval_name())
+        return evaluate_checkpoint(path, cache_dir, n, "cpu", vocoder=eval_name(), **inputs)
     finally:
         torch.set_num_threads(threads)
 
@@ -362,6 +495,7 @@ def score_checkpoint(checkpoint_id: int) -> str:
         scores, state = {"state": "error", "error": readable(exc)}, "error"
     scores.update(scored_at=timezone.now().isoformat(), n=n)
     ckpt.record_scores(plain(scores))
-    live.publish_checkpoints(ckpt.run)
+    points = record_score_points(ckpt, plain(scores)) if state == "done" else []
+    live.publish_checkpoints(ckpt.run, points)
     logger.info("checkpoint %s (run %s, step %s): %s", ckpt.pk, ckpt.run_id, ckpt.step, state)
     return state

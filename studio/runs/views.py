@@ -18,6 +18,7 @@ from django.views.decorators.http import require_POST
 
 from studio import live
 from studio.models import AudioSample, Checkpoint, Dataset, Run, safe_ranges_table
+from studio.runs import scores
 from studio.runs.forms import ResumeForm, RunForm, preset_summaries
 from training.config import BATCH_RANGES, batch_warning
 from training.losses import HOLD_REASONS
@@ -80,7 +81,27 @@ def _initial(request) -> dict:
         initial["source"] = "config"
     if request.GET.get("start") in ("resume", "finetune") and "checkpoint" in initial:
         initial["start"] = request.GET["start"]
+    if request.GET.get("preset") == "fewshot":
+        # From the dataset page's "New voice" link: one more click starts the run.
+        initial.update(source="fewshot", start="finetune")
+        if "checkpoint" not in initial:
+            base = few_shot_base(request.user, initial.get("dataset"))
+            if base is not None:
+                initial["checkpoint"] = base.pk
     return initial
+
+
+def few_shot_base(user, dataset_id) -> Checkpoint | None:
+    """The checkpoint a new voice starts from by default: the newest best checkpoint of a
+    finished acoustic run on another dataset with the most speakers."""
+    candidates = (
+        Checkpoint.objects.visible_to(user)
+        .filter(is_best=True, run__kind=Run.Kind.ACOUSTIC, run__status=Run.Status.SUCCEEDED)
+        .exclude(run__dataset_id=dataset_id)
+        .select_related("run__dataset")
+        .order_by("-run__dataset__n_speakers", "-created")
+    )
+    return next((c for c in candidates if Path(c.path).is_file()), None)
 
 
 def controller_summary(run: Run) -> dict | None:
@@ -120,6 +141,7 @@ def run_detail(request, pk):
     diagnoses = {}
     for e in run.events.filter(kind="diagnosis").order_by("step"):
         diagnoses[e.data.get("code", e.pk)] = e  # the latest per pattern
+    checkpoints = [live.checkpoint_dict(c) for c in run.checkpoints.order_by("-step")]
     return render(
         request,
         "runs/detail.html",
@@ -128,15 +150,32 @@ def run_detail(request, pk):
             "snapshot": sorted(snapshot.items()),
             "batch_warning": warning,
             "diagnoses": list(diagnoses.values()),
-            "checkpoints": [live.checkpoint_dict(c) for c in run.checkpoints.order_by("-step")],
+            "checkpoints": checkpoints,
+            # Which checkpoint to keep, by a score of free-running synthesis (issue 14).
+            "best_quality": scores.best_by_quality(checkpoints),
+            "quality_formula": scores.QUALITY_FORMULA,
+            "overfitting": scores.overfitting(run),
+            "speaker_check": scores.speaker_before_after(run, checkpoints),
             "samples": run.samples.order_by("-step", "utterance_id")[: live.HISTORY_SAMPLES],
             "events": run.events.exclude(kind="diagnosis").order_by("-step", "-created")[:100],
             "controller": controller_summary(run),
             "resume_form": ResumeForm(run),
             "has_log": (Path(run.out_dir) / "worker.log").is_file() if run.out_dir else False,
             "ws_path": f"/ws/runs/{run.pk}/",
+            "left_out": _left_out(run),
         },
     )
+
+
+def _left_out(run) -> dict[str, int]:
+    """Clips of the dataset the run does not train on, by kind: as recorded when it started,
+    else (not started yet) as the dataset stands now."""
+    from studio.datasets.reports import left_out
+
+    recorded = run.events.filter(kind="data").order_by("created").first()
+    if recorded is not None:
+        return recorded.data.get("left_out", {})
+    return left_out(run.dataset)
 
 
 @require_POST
@@ -265,6 +304,14 @@ def checkpoint_score(request, pk):
     ckpt = get_object_or_404(
         Checkpoint.objects.visible_to(request.user).select_related("run"), pk=pk
     )
+    if ckpt.run.kind == Run.Kind.VOCODER:
+        # Scoring synthesises from text with the checkpoint; a vocoder has no text side.
+        messages.error(
+            request,
+            f"Step {ckpt.step} is a vocoder checkpoint: scores are for acoustic models. "
+            "Pick it as the vocoder on the synthesis page to hear it.",
+        )
+        return redirect(ckpt.run)
     if ckpt.queue_scoring():
         transaction.on_commit(lambda: live.publish_checkpoints(ckpt.run))
         messages.success(request, f"Scoring step {ckpt.step}: the row fills in within seconds.")
