@@ -196,7 +196,10 @@ def test_a_redis_restart_mid_run_loses_nothing(user, start_worker, private_redis
     start_worker("gpu", env={"REDIS_URL": private_redis.url})
     run = tiny_run(user, steps=steps, checkpoint_every=steps, eval_every=steps)
     # Sent through the private broker, the way the studio would with REDIS_URL pointing there.
-    Celery(broker=private_redis.url).send_task(TRAIN_TASK, (run.pk,), queue=TRAIN_QUEUE)
+    # Not the current app: the studio's own enqueues in later tests must not go to this broker.
+    sender = Celery(broker=private_redis.url, set_as_current=False)
+    sender.send_task(TRAIN_TASK, (run.pk,), queue=TRAIN_QUEUE)
+    sender.close()
     group = live.run_group(run.pk)
     assert live_steps(private_redis.url, group, 120)  # live before the restart
 

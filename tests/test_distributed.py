@@ -224,7 +224,7 @@ def test_studio_run_on_two_cpu_ranks_survives_a_killed_rank_and_completes(user, 
     from tests.conftest import wait_until
     from tests.fixtures_runs import tiny_run
 
-    start_worker("gpu")
+    worker = start_worker("gpu")
     run = tiny_run(user, steps=16, checkpoint_every=4, eval_every=8, batch_size=2)
     Run.objects.filter(pk=run.pk).update(ranks=2)
     run.enqueue()
@@ -234,11 +234,16 @@ def test_studio_run_on_two_cpu_ranks_survives_a_killed_rank_and_completes(user, 
 
     # SIGKILL rank 1 once the first checkpoint is on disk: the group is restarted from it.
     out = Path(run.out_dir)
-    wait_until(
-        lambda: (out / "checkpoints" / "step_0000004.pt").exists() or status() in Run.FINISHED,
-        240,
-        message="the first checkpoint",
-    )
+    try:
+        wait_until(
+            lambda: (out / "checkpoints" / "step_0000004.pt").exists() or status() in Run.FINISHED,
+            240,
+            message="the first checkpoint",
+        )
+    except AssertionError as exc:
+        logs = [worker.log_path, out / "ranks.log"]
+        tails = [p.read_text(errors="replace")[-3000:] for p in logs if p.exists()]
+        raise AssertionError(f"{exc}; status {status()}\n" + "\n".join(tails)) from None
     pid = _rank_pid(run.pk, 1)
     assert pid is not None and status() == "running", "rank 1 not found mid-run"
     os.kill(pid, signal.SIGKILL)
