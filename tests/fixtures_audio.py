@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -53,7 +55,11 @@ def espeak_speech(
 
     with _espeak_lock:
         if _espeak is None:
-            lib = ctypes.CDLL(espeakng_loader.get_library_path())
+            # A private copy of the library: dlopen of the same path returns the instance the
+            # phonemiser (training.text) initialises too, whose set-up replaces our callback.
+            private = Path(tempfile.mkdtemp(prefix="espeak-")) / "libespeak-ng-tests.so"
+            shutil.copyfile(espeakng_loader.get_library_path(), private)
+            lib = ctypes.CDLL(str(private))
             synchronous = 2
             sr = lib.espeak_Initialize(synchronous, 0, espeakng_loader.get_data_path().encode(), 0)
             chunks: list[np.ndarray] = []

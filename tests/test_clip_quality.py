@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from fixtures_audio import SR, espeak_speech, voiced_clip, write_corpus
 
+from tests.fixtures_audio import SR, espeak_speech, voiced_clip, write_corpus
 from training import clip_quality as Q
 from training.audio import pitch
 from training.preprocess import preprocess_corpus

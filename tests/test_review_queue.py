@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from fixtures_audio import SR, TEXTS, voiced_clip
 
 from studio.datasets import importing
 from studio.models import Dataset, Utterance
+from tests.fixtures_audio import SR, TEXTS, voiced_clip
 
 pytestmark = pytest.mark.django_db
 
