@@ -4,6 +4,7 @@ a vocoder synthesis can load, and teacher-forced mels come from the acoustic che
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -129,5 +130,11 @@ def test_teacher_forced_mels_come_from_the_acoustic_checkpoint(cache, audio_file
 
 
 def test_a_cache_without_recordings_is_refused_with_a_reason(cache, tmp_path):
+    # The cache keeps each recording's path; here every one was moved away after preprocessing.
+    moved = tmp_path / "cache"
+    shutil.copytree(cache, moved)
+    lines = (moved / "items.jsonl").read_text().splitlines()
+    records = [dict(json.loads(line), audio_path=str(tmp_path / "gone.wav")) for line in lines]
+    (moved / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match="no training utterance has a readable recording"):
-        VocoderTrainer(tiny(), cache, tmp_path / "run", audio_files={})
+        VocoderTrainer(tiny(), moved, tmp_path / "run", audio_files={})
