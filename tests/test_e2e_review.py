@@ -65,11 +65,7 @@ def test_review_queue_in_the_browser(gated, start_worker, live_studio, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", "alice-pass-123")
-    page.click("button[type=submit]")
-    page.wait_for_url(url)
+    test_e2e_runs.sign_in(page, live_studio, gated.get_absolute_url())
 
     item = page.locator(f"#review-{noise.pk}")
     assert "no voiced speech" in item.inner_text() and "SNR" in item.inner_text()

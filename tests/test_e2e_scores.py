@@ -44,11 +44,7 @@ def test_score_button_fills_the_row_live(rows, start_worker, live_studio, browse
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(run_url)
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", "alice-pass-123")
-    page.click("button[type=submit]")
-    page.wait_for_url(run_url)
+    test_e2e_runs.sign_in(page, live_studio, run_url.removeprefix(live_studio))
     wait_until(lambda: page.inner_text("#conn-state") == "live", 30, message="the socket")
 
     def row(name: str):
@@ -109,11 +105,7 @@ def test_quality_by_step_is_drawn_beside_the_losses(quality_run, live_studio, br
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(run_url)
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", "alice-pass-123")
-    page.click("button[type=submit]")
-    page.wait_for_url(run_url)
+    test_e2e_runs.sign_in(page, live_studio, run_url.removeprefix(live_studio))
     wait_until(lambda: page.inner_text("#conn-state") == "live", 30, message="the socket")
     wait_until(
         lambda: page.get_attribute("#chart-quality", "data-points") == "3",
