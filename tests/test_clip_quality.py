@@ -193,3 +193,123 @@ def test_preprocessing_never_trains_on_a_noise_only_clip_and_reports_it(tmp_path
     again = preprocess_corpus(items, tmp_path / "cache", lang="en", overrides={"low_02": "drop"})
     assert again.reused == again.kept == 11
     assert again.verdicts["low_02"]["verdict"] == "drop"
+
+
+# ------------------------------------------------------------------ transcripts by alignment
+
+SENTENCE = "The quiet teacher collected two loaves of bread under the bright lights."
+
+
+def _aligned(text: str, said: str = SENTENCE) -> dict:
+    """Alignment scores of espeak saying `said`, checked against the transcript `text`."""
+    from training.audio import normalise_loudness, resample, trim_silence
+    from training.text import Frontend
+
+    wav, sr = espeak_speech(said)
+    trimmed = normalise_loudness(trim_silence(torch.from_numpy(wav), sr))
+    f0 = pitch(trimmed, sr)
+    phonemes = Frontend("en").tokens(text)
+    return Q.alignment_scores(resample(trimmed, sr, 16000), 16000, text, phonemes, f0)
+
+
+def test_the_own_transcript_aligns_and_a_truncated_one_leaves_speech_after_its_end():
+    pytest.importorskip("pocketsphinx")
+    own = _aligned(SENTENCE)
+    assert own["align"] == "ok", own
+    assert own["untranscribed_s"] < Q.UNTRANSCRIBED_VOICED_S
+    assert own["tail_share"] < 0.1 and own["longest_sound_s"] < Q.STRETCHED_PHONE_S
+
+    cut = _aligned("The quiet teacher collected two loaves.")
+    assert cut["align"] == "ok", cut
+    assert cut["tail_share"] >= Q.TRUNCATED_TAIL_SHARE
+    assert cut["tail_voiced_s"] >= Q.UNTRANSCRIBED_VOICED_S
+
+
+def test_another_clips_transcript_does_not_fit():
+    pytest.importorskip("pocketsphinx")
+    other = _aligned("What a lovely surprise that was!")
+    misfit = (
+        other["align"] == "failed"
+        or other["untranscribed_s"] >= Q.UNTRANSCRIBED_VOICED_S
+        or other["longest_sound_s"] >= Q.STRETCHED_PHONE_S
+    )
+    assert misfit, other
+
+
+def test_a_word_the_dictionary_lacks_is_pronounced_from_the_front_end():
+    pytest.importorskip("pocketsphinx")
+    assert Q.arpabet("bʌɾɚ") == "B AH T ER"
+    assert Q.arpabet("tʃɜːtʃ") == "CH ER CH"
+    text = "Zorbulax collected two loaves of bread."
+    scores = _aligned(text, said=text)
+    assert scores["align"] == "ok", scores
+    assert scores["untranscribed_s"] < Q.UNTRANSCRIBED_VOICED_S
+
+
+def _aligned_speaker(n=10):
+    scores, embeddings, voice = _speaker(n)
+    for s in scores.values():
+        s.update(align="ok", untranscribed_s=0.0, tail_s=0.05, tail_share=0.02,
+                 tail_voiced_s=0.0, longest_sound_s=0.15, longest_word="bread")  # fmt: skip
+    return scores, embeddings, voice
+
+
+@pytest.mark.parametrize(
+    ("alignment", "verdict", "code"),
+    [
+        ({"align": "failed"}, "drop", "transcript_mismatch"),
+        ({"untranscribed_s": 0.9, "tail_share": 0.05}, "drop", "transcript_mismatch"),
+        (
+            {"untranscribed_s": 0.8, "tail_s": 1.2, "tail_share": 0.45, "tail_voiced_s": 0.8},
+            "drop",
+            "transcript_truncated",
+        ),
+        ({"longest_sound_s": 0.6, "longest_word": "a"}, "review", "transcript_mismatch"),
+    ],
+)
+def test_alignment_faults_get_their_verdicts_even_at_an_ordinary_speaking_rate(
+    alignment, verdict, code
+):
+    scores, embeddings, voice = _aligned_speaker()
+    scores["bad"] = dict(scores["c0"], **alignment)
+    embeddings["bad"] = voice
+    v = _judge(scores, embeddings)["bad"]
+    assert (v.verdict, Q.primary_kind(v), v.text_check) == (verdict, code, "alignment")
+    assert len(v.reasons[0]["message"]) > 30
+    assert _judge(scores, embeddings)["c1"].verdict == "keep"
+
+
+def test_alignment_is_not_trusted_for_a_voice_whose_clips_mostly_fail():
+    # A voice (or a tone, or another language) the acoustic model cannot follow: every clip
+    # failing says nothing about any one transcript, so the older checks judge instead.
+    scores, embeddings, _ = _aligned_speaker()
+    for s in scores.values():
+        s["align"] = "failed"
+    verdicts = _judge(scores, embeddings)
+    assert {v.verdict for v in verdicts.values()} == {"keep"}
+    assert {v.text_check for v in verdicts.values()} == {"rate"}
+
+
+def test_preprocessing_drops_a_swapped_transcript_the_speaking_rate_cannot_see(tmp_path):
+    pytest.importorskip("pocketsphinx")
+    from training.corpus import CorpusItem
+
+    sentences = [
+        "The quiet teacher collected two loaves of bread.",
+        "Every student carried a jar of honey home.",
+        "Her brother ignored the broken umbrella again.",
+        "A young doctor explained the strange noise.",
+        "The pilot repaired seven yellow envelopes.",
+    ]
+    # Clips 1 and 3, of similar length, trade transcripts.
+    written = [sentences[i] for i in (0, 3, 2, 1, 4)]
+    items = []
+    for i, (said, text) in enumerate(zip(sentences, written, strict=True)):
+        wav, _ = espeak_speech(said)
+        items.append(CorpusItem(f"s{i}", _write(tmp_path / f"s{i}.wav", wav), text, "voice"))
+    result = preprocess_corpus(items, tmp_path / "cache", lang="en")
+    for swapped in ("s1", "s3"):
+        v = result.verdicts[swapped]
+        assert v["verdict"] in ("review", "drop"), v
+        assert v["reasons"][0]["code"] == "transcript_mismatch" and v["text_check"] == "alignment"
+    assert all(result.verdicts[i]["verdict"] == "keep" for i in ("s0", "s2", "s4"))

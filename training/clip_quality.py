@@ -4,23 +4,27 @@ Two stages, because the fair threshold for a clip depends on its speaker:
 
 1. `score_clip` runs inside a preprocessing worker on one clip, next to the features, and returns
    plain numbers: voiced share, an SNR estimate, level and clipping, speaking rate in phonemes
-   per voiced second and, for English, what pocketsphinx heard. The speaker embedding that
-   preprocessing makes anyway is the only other input the second stage needs.
+   per voiced second and, for English, how the clip's own transcript force-aligns to it
+   (`alignment_scores`). The speaker embedding that preprocessing makes anyway is the only
+   other input the second stage needs.
 2. `judge` runs once over the whole corpus: each speaker's own median and spread of speaking
    rate, word error rate and distance from the speaker's centroid decide what is unusual *for
    that voice*, so a fast talker or a voice pocketsphinx hears badly is not punished as a whole.
 
-Cost, measured on dev-en-8spk with one thread: today's preprocessing is ~60 ms of CPU a clip
-(~130 ms wall on an idle core); pocketsphinx with its general US-English model ~900 ms, DNSMOS
-~3.5 s (speechmos loops every clip to its 9 s window). So DNSMOS is not run per clip: the SNR
-estimate and the voicing separate the injected noise faults on their own (bench/quality_gate.py:
-100 % recall and precision); `judge` still names a low DNSMOS BAK where a caller supplies one
-as "dnsmos_bak". The recogniser is pocketsphinx with a bigram model of the dataset's own
-transcripts, one search pass and pruned beams: several times faster and far more accurate on
-matching transcripts (median WER 0 instead of ~0.2 on most voices), while a wrong or truncated
-transcript still scores near 1. Even so it is the expensive part, so by default (`asr=
-"inconclusive"`, preprocess_corpus) it hears only clips whose speaking rate puts their
-transcript in doubt, plus a few ordinary clips per speaker to learn that speaker's WER.
+Transcripts are checked by forced alignment, not by recognition: on voices pocketsphinx hears
+badly (dev-en-8spk's three espeak voices: median WER 0.3-0.55 on correct transcripts) a word
+error rate cannot tell a wrong transcript from a right one, but the alignment still can: a
+wrong one fails to fit, or leaves voiced speech outside every word, or stretches a word over
+seconds. It also costs a third of recognition. What pocketsphinx hears (a bigram model of the
+dataset's own transcripts, one search pass, pruned beams) is kept for the clips sent to review,
+where it helps a person fix the text, and judges transcripts only where alignment cannot
+(another language has no alignment; a voice whose clips mostly fail to align is not trusted).
+
+Cost (bench/quality_gate.py, one thread): today's preprocessing ~40 ms of CPU a clip; alignment
+~18 ms; recognition ~55 ms, DNSMOS ~3.5 s (speechmos loops every clip to its 9 s window). So
+DNSMOS is not run per clip: the SNR estimate and the voicing separate the injected noise faults
+on their own (100 % recall and precision); `judge` still names a low DNSMOS BAK where a caller
+supplies one as "dnsmos_bak".
 """
 
 from __future__ import annotations
@@ -69,6 +73,24 @@ WER_TRUSTED = 0.8  # a speaker whose limit lands above this is one pocketsphinx 
 TRUNCATED_HEARD_RATIO = 1.3  # heard words / transcript words above this: the text stops early
 TRUNCATED_PREFIX_WER = 0.5  # ... and it matches the start of what was heard
 MIN_CLIPS_FOR_SPEAKER_STATS = 8  # fewer: medians and spreads say too little
+# Forced alignment of the clip's own transcript (TranscriptAligner). On dev-en-8spk
+# (bench/quality_gate.py, seeds 0 and 1) clean clips have at most 0.16 s of voiced speech
+# outside the aligned words, no word longer than 0.27 s a sound, and end at most 0.2 s after
+# their last word (the clip is trimmed, so what follows it is sound, not silence); truncated
+# transcripts leave 0.5-3 s after it (21-81 % of the clip), and another clip's transcript
+# mostly fails to align, else leaves 0.4-1 s of speech unaccounted for or stretches a word.
+# The pitch tracker's voicing undercounts some voices (two espeak voices: 0.02 s voiced in a
+# 0.5 s tail of speech), so the tail is judged by its length, the rest by voiced speech.
+UNTRANSCRIBED_VOICED_S = 0.3
+UNTRANSCRIBED_DROP_S = 0.6
+TRUNCATED_TAIL_S = 0.45
+TRUNCATED_TAIL_SHARE = 0.2
+STRETCHED_PHONE_S = 0.3
+# Alignment judges a speaker's transcripts only when most of that speaker's clips align
+# cleanly: a voice (or a language, or a test tone) the US-English acoustic model cannot
+# follow would otherwise have every transcript called wrong.
+ALIGN_TRUSTED_SHARE = 0.5
+ALIGN_TRUSTED_MIN = 3
 
 REASON_KINDS = {
     "no_speech": "no speech",
@@ -88,6 +110,8 @@ class Verdict:
     badness: float  # for the review queue's order: higher is worse
     similarity: float | None = None
     rate_ratio: float | None = None
+    # What judged the transcript: "alignment", "asr" (word error rate), "rate" or "".
+    text_check: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -96,6 +120,7 @@ class Verdict:
             "badness": round(self.badness, 4),
             "similarity": None if self.similarity is None else round(self.similarity, 4),
             "rate_ratio": None if self.rate_ratio is None else round(self.rate_ratio, 4),
+            "text_check": self.text_check,
         }
 
 
@@ -170,10 +195,12 @@ def asr_scores(text: str, heard: str) -> dict:
 
 
 def asr_targets(cheap: dict[str, Verdict], speakers: dict[str, str], mode: str) -> set[str]:
-    """The clips pocketsphinx should hear. "all": every one. "inconclusive": those whose
-    transcript the cheap scores leave in doubt, plus a few ordinary clips of each speaker
-    (CALIBRATION_CLIPS, picked by a stable hash of the id) so the speaker's own word error
-    rate is known and the doubtful ones can be judged against it."""
+    """The clips pocketsphinx should hear. "all": every one. "inconclusive": where alignment
+    judged the transcript, the clips it sends to review (what was heard goes into the
+    message); elsewhere those whose transcript the speaking rate leaves in doubt, plus a few
+    ordinary clips of each such speaker (CALIBRATION_CLIPS, picked by a stable hash of the id)
+    so the speaker's own word error rate is known and the doubtful ones can be judged
+    against it."""
     import hashlib
 
     if mode == "all":
@@ -183,7 +210,8 @@ def asr_targets(cheap: dict[str, Verdict], speakers: dict[str, str], mode: str) 
     targets = {i for i, v in cheap.items() if needs_asr(v)}
     ordinary: dict[str, list[str]] = defaultdict(list)
     for i, v in cheap.items():
-        if i not in targets and v.verdict == "keep":
+        # Alignment judges without the speaker's word error rate: no calibration needed.
+        if i not in targets and v.verdict == "keep" and v.text_check != "alignment":
             ordinary[speakers.get(i, "")].append(i)
     for ids in ordinary.values():
         ids.sort(key=lambda i: hashlib.sha1(i.encode("utf-8")).hexdigest())
@@ -197,6 +225,11 @@ def needs_asr(cheap: Verdict) -> bool:
     speech, noise, another voice) already decides it."""
     if cheap.verdict != "keep" and primary_kind(cheap) in ("no_speech", "noisy", "other_speaker"):
         return False
+    if cheap.text_check == "alignment":
+        # Alignment already decided; what pocketsphinx hears only goes into the message a
+        # person reads in the review queue, so only for the clips sent there: recognising
+        # every dropped one too would cost more than the rest of the gate (55 ms a clip).
+        return cheap.verdict == "review" and primary_kind(cheap).startswith("transcript_")
     ratio = cheap.rate_ratio
     return ratio is None or not (ASR_BAND[0] <= ratio <= ASR_BAND[1])
 
@@ -271,47 +304,218 @@ def write_language_model(texts, folder: Path) -> Path:
 
 
 class CorpusRecogniser:
-    """pocketsphinx against the dataset's language model; one decoder per worker process."""
+    """pocketsphinx against the dataset's language model. It shares the process's aligner
+    decoder (same settings, one acoustic model loaded instead of two: 0.6 s less a run)."""
 
     def __init__(self, lm_path: str | Path):
+        import uuid
+
+        self._shared = shared_aligner()
+        self._search = f"corpus-{uuid.uuid4().hex[:8]}"
+        with self._shared.lock:
+            self._shared.tight.add_lm_file(self._search, str(lm_path))
+
+    def transcribe(self, wav: torch.Tensor, sr: int) -> str:
+        pcm = _pcm16k(wav, sr)
+        with self._shared.lock:
+            decoder = self._shared.tight
+            decoder.activate_search(self._search)
+            decoder.start_utt()
+            decoder.process_raw(pcm, full_utt=True)
+            decoder.end_utt()
+            hyp = decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+
+def _pcm16k(wav: torch.Tensor, sr: int) -> bytes:
+    """16-bit PCM at pocketsphinx's rate."""
+    from training.audio import resample
+
+    x = torch.as_tensor(wav, dtype=torch.float32).reshape(-1)
+    if sr != ASR_SAMPLE_RATE:
+        x = resample(x, sr, ASR_SAMPLE_RATE)
+    # Dither at -60 dBFS: pauses of exact digital silence upset pocketsphinx's noise and
+    # mean normalisation (measured: mean WER of one such voice 0.74 -> 0.40). Seeded, so
+    # the same clip is always heard the same way.
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel()))
+    x = x + 1e-3 * noise
+    return (x.clamp(-1.0, 1.0) * 32767).to(torch.int16).numpy().tobytes()
+
+
+# espeak-ng's US-English phonemes (training.text's tokens) in the acoustic model's ARPAbet, for
+# words its dictionary lacks (names, rare words). Longest match first; marks not listed (stress,
+# length on its own, punctuation) are skipped.
+_IPA_TO_ARPABET = {
+    "aɪɚ": "AY ER", "aɪə": "AY ER", "aʊɚ": "AW ER", "ɔːɹ": "AO R", "ɑːɹ": "AA R",
+    "oːɹ": "AO R", "ɪɹ": "IH R", "ɛɹ": "EH R", "ʊɹ": "UH R", "əl": "AH L", "n̩": "AH N",
+    "l̩": "AH L", "eɪ": "EY", "aɪ": "AY", "aʊ": "AW", "oʊ": "OW", "əʊ": "OW", "ɔɪ": "OY",
+    "iː": "IY", "uː": "UW", "ɑː": "AA", "ɔː": "AO", "ɜː": "ER", "iə": "IY AH", "ɪə": "IH AH",
+    "eə": "EH R", "tʃ": "CH", "dʒ": "JH",
+    "ə": "AH", "ɐ": "AH", "ʌ": "AH", "ɚ": "ER", "ɜ": "ER", "ɝ": "ER", "ɪ": "IH", "ᵻ": "IH",
+    "i": "IY", "ɛ": "EH", "e": "EH", "æ": "AE", "a": "AE", "ɑ": "AA", "ɒ": "AA", "ɔ": "AO",
+    "o": "OW", "ʊ": "UH", "u": "UW", "p": "P", "b": "B", "t": "T", "d": "D", "k": "K",
+    "ɡ": "G", "g": "G", "f": "F", "v": "V", "θ": "TH", "ð": "DH", "s": "S", "z": "Z",
+    "ʃ": "SH", "ʒ": "ZH", "h": "HH", "x": "HH", "ç": "HH", "m": "M", "n": "N", "ŋ": "NG",
+    "l": "L", "ɬ": "L", "ɹ": "R", "r": "R", "j": "Y", "w": "W", "ɾ": "T", "ʔ": "T",
+}  # fmt: skip
+_IPA_LONGEST = max(len(k) for k in _IPA_TO_ARPABET)
+
+
+def arpabet(ipa: str) -> str:
+    """espeak-ng IPA of one word -> space-separated ARPAbet ("" when nothing maps)."""
+    out, i = [], 0
+    while i < len(ipa):
+        for n in range(min(_IPA_LONGEST, len(ipa) - i), 0, -1):
+            if ipa[i : i + n] in _IPA_TO_ARPABET:
+                out.append(_IPA_TO_ARPABET[ipa[i : i + n]])
+                i += n
+                break
+        else:
+            i += 1
+    return " ".join(out)
+
+
+def _word_phonemes(phonemes) -> list[str]:
+    """The front-end's tokens grouped into one IPA string a word (breaks, stress, punctuation
+    dropped)."""
+    from training.text import _STRESS, EN_PUNCT, WORD
+
+    groups, cur = [], []
+    for t in [*phonemes, WORD]:
+        if t == WORD:
+            if cur:
+                groups.append("".join(cur))
+            cur = []
+        elif t not in _STRESS and t not in EN_PUNCT:
+            cur.append(t)
+    return groups
+
+
+class TranscriptAligner:
+    """Forced alignment of a clip's own transcript with pocketsphinx (US-English model).
+
+    Much cheaper than recognition (~20 ms of CPU a clip against ~55 ms, on dev-en-8spk) and,
+    unlike a word error rate, still telling on voices the recogniser hears badly: a transcript
+    that does not belong to the audio either cannot be fitted at all, or leaves voiced speech
+    outside every word (the untranscribed rest of a truncated text lands after its last word),
+    or stretches a word over seconds. Tight beams: a clip that fails with them is not tried again
+    with loose ones, which on dev-en-8spk rescued one clean clip in 656 (sending it to review
+    instead of dropping it) for 20 ms more on every failing clip, and fitted some wrong ones."""
+
+    def __init__(self):
         from pocketsphinx import Decoder
 
-        self._lock = threading.Lock()
-        # Single pass (no fwdflat, no bestpath), every other frame, tighter beams: ~4x faster
-        # than the defaults, and the corpus model keeps the matching transcripts near WER 0.
-        self.decoder = Decoder(
+        self.lock = threading.Lock()
+        # No language model (alignment needs none; loading the default one costs 0.15 s a
+        # process); every second frame scored, one Gaussian a codebook when tight.
+        # The same decoder recognises (CorpusRecogniser): single pass (no fwdflat, no
+        # bestpath), tight beams, few words a frame: ~4x faster than the defaults, and the
+        # corpus language model keeps matching transcripts near WER 0.
+        common = dict(
             samprate=ASR_SAMPLE_RATE,
             loglevel="FATAL",
-            lm=str(lm_path),
             fwdflat=False,
             bestpath=False,
             ds=2,
-            topn=2,
+            lm=None,
             maxwpf=5,
-            maxhmmpf=2000,
-            beam=1e-30,
-            wbeam=1e-20,
-            pbeam=1e-30,
         )
+        self.tight = Decoder(**common, topn=2, beam=1e-30, wbeam=1e-20, pbeam=1e-30, maxhmmpf=2000)
 
-    def transcribe(self, wav: torch.Tensor, sr: int) -> str:
-        from training.audio import resample
+    def _words(self, text: str, phonemes) -> list[str] | None:
+        """The transcript's words, each known to the dictionary (words it lacks are added with
+        the front-end's pronunciation); None when a word cannot be pronounced."""
+        said = words(text)
+        groups = None
+        for k, w in enumerate(said):
+            if self.tight.lookup_word(w) is not None:
+                continue
+            if groups is None:
+                groups = _word_phonemes(phonemes) if phonemes is not None else []
+            # The front end spells the same normalised words, so the k-th group is this word's;
+            # when the counts differ, the clip is not aligned rather than aligned wrongly.
+            phones = arpabet(groups[k]) if len(groups) == len(said) else ""
+            if not phones:
+                return None
+            self.tight.add_word(w, phones, True)
+        return said
 
-        x = torch.as_tensor(wav, dtype=torch.float32).reshape(-1)
-        if sr != ASR_SAMPLE_RATE:
-            x = resample(x, sr, ASR_SAMPLE_RATE)
-        # Dither at -60 dBFS: pauses of exact digital silence upset pocketsphinx's noise and
-        # mean normalisation (measured: mean WER of one such voice 0.74 -> 0.40). Seeded, so
-        # the same clip is always heard the same way.
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel()))
-        x = x + 1e-3 * noise
-        pcm = (x.clamp(-1.0, 1.0) * 32767).to(torch.int16).numpy().tobytes()
-        with self._lock:
-            self.decoder.start_utt()
-            self.decoder.process_raw(pcm, full_utt=True)
-            self.decoder.end_utt()
-            hyp = self.decoder.hyp()
-        return hyp.hypstr if hyp is not None else ""
+    @staticmethod
+    def _run(decoder, text: str, pcm: bytes):
+        decoder.set_align_text(text)
+        decoder.start_utt()
+        decoder.process_raw(pcm, full_utt=True)
+        decoder.end_utt()
+        if decoder.hyp() is None:
+            return None
+        return [(seg.word, seg.start_frame, seg.end_frame) for seg in decoder.seg()]
+
+    def align(self, trimmed: torch.Tensor, sr: int, text: str, phonemes, f0) -> dict:
+        """Alignment scores of one trimmed clip (`f0`: its pitch track, 0 = unvoiced)."""
+        with self.lock:
+            said = self._words(text, phonemes)
+            if not said:
+                return {"align": "skipped"}
+            pcm = _pcm16k(trimmed, sr)
+            segs = self._run(self.tight, " ".join(said), pcm)
+            if segs is None:
+                return {"align": "failed"}
+            phones = {w: len((self.tight.lookup_word(w) or "x").split()) for w, _, _ in segs}
+        return _alignment_scores(segs, phones, trimmed.numel() / sr, f0)
+
+
+def _alignment_scores(segs, phones: dict, seconds: float, f0) -> dict:
+    voiced = (torch.as_tensor(f0) > 0).tolist()
+    per_f0 = seconds / max(len(voiced), 1)  # seconds a pitch frame
+
+    def voiced_s(start: float, end: float) -> float:
+        return sum(voiced[int(start / per_f0) : int(end / per_f0)]) * per_f0
+
+    untranscribed, last_end, longest, stretched = 0.0, 0.0, 0.0, ""
+    for word, start, end in segs:
+        a, b = start * 0.01, (end + 1) * 0.01  # pocketsphinx frames are 10 ms
+        if not word[:1].isalpha():  # <sil>, <s>, fillers: no word of the transcript
+            untranscribed += voiced_s(a, b)
+            continue
+        last_end = b
+        per_sound = (b - a) / phones.get(word, 1)
+        if per_sound > longest:
+            longest, stretched = per_sound, word.split("(", 1)[0]
+    tail = max(seconds - last_end, 0.0)
+    return {
+        "align": "ok",
+        "untranscribed_s": round(untranscribed, 3),
+        "tail_s": round(tail, 3),
+        "tail_share": round(tail / max(seconds, 1e-3), 4),
+        "tail_voiced_s": round(voiced_s(last_end, seconds), 3),
+        "longest_sound_s": round(longest, 3),
+        "longest_word": stretched,
+    }
+
+
+_aligners: dict[int, TranscriptAligner] = {}
+_aligners_lock = threading.Lock()
+
+
+def shared_aligner() -> TranscriptAligner:
+    """This process's aligner, made on first use (~0.1 s); a forked child makes its own."""
+    import os
+
+    with _aligners_lock:
+        aligner = _aligners.get(os.getpid())
+        if aligner is None:
+            aligner = _aligners[os.getpid()] = TranscriptAligner()
+    return aligner
+
+
+def alignment_scores(trimmed: torch.Tensor, sr: int, text: str, phonemes, f0) -> dict:
+    """TranscriptAligner.align's scores, or "skipped" for a clip with hardly a voiced frame:
+    no transcript fits noise, and the gate names such a clip for what it is anyway."""
+    voiced = torch.as_tensor(f0) > 0
+    seconds = trimmed.numel() / sr
+    if voiced.numel() == 0 or float(voiced.float().mean()) * seconds < MIN_VOICED_SECONDS:
+        return {"align": "skipped"}
+    return shared_aligner().align(trimmed, sr, text, phonemes, f0)
 
 
 # ------------------------------------------------------------------ the corpus (one pass)
@@ -378,7 +582,18 @@ def judge(
             if centroid is not None and i in embeddings
         }
         sim_med, sim_spread = _robust(sims[i] for i in speechy if i in sims)
+        tried = [scores[i].get("align") for i in speechy]
+        tried = [a for a in tried if a in ("ok", "failed")]
+        clean = sum(
+            1
+            for i in speechy
+            if scores[i].get("align") == "ok"
+            and scores[i].get("untranscribed_s", 0) < UNTRANSCRIBED_VOICED_S
+        )
         limits = {
+            "align_trusted": bool(tried)
+            and clean >= ALIGN_TRUSTED_MIN
+            and clean >= ALIGN_TRUSTED_SHARE * len(tried),
             "sim": min(SPEAKER_MAX_SIMILARITY, sim_med - SPEAKER_SPREADS * max(sim_spread, 0.01)),
             "sim_median": sim_med,
             "wer": max(WER_FLOOR, wer_med + WER_SPREADS * max(wer_spread, 0.05)),
@@ -396,11 +611,16 @@ def judge(
                     {"code": "reviewed_keep", "message": "kept in review, but has no speech"}
                 )
             elif decision == "keep":
-                v = Verdict("keep", [], 0.0, v.similarity, v.rate_ratio)
+                v = Verdict("keep", [], 0.0, v.similarity, v.rate_ratio, v.text_check)
             elif decision == "drop":
                 reason = {"code": "reviewed_drop", "message": "dropped by a person in review"}
                 v = Verdict(
-                    "drop", [reason, *v.reasons], v.badness + 10.0, v.similarity, v.rate_ratio
+                    "drop",
+                    [reason, *v.reasons],
+                    v.badness + 10.0,
+                    v.similarity,
+                    v.rate_ratio,
+                    v.text_check,
                 )
             out[i] = v
     return out
@@ -414,6 +634,7 @@ def _judge_one(s: dict, sim, ratio, limits: dict, enough: bool) -> Verdict:
     """One clip against its speaker's limits. The worst reason comes first: noise also blurs
     the voice and the recogniser, so a noisy clip is named noisy, not "another voice"."""
     reasons: list[tuple[float, str, str, str]] = []  # (badness, severity, code, words)
+    text_check = ""
 
     def add(badness: float, severity: str, code: str, message: str) -> None:
         reasons.append((badness, severity, code, message))
@@ -466,7 +687,7 @@ def _judge_one(s: dict, sim, ratio, limits: dict, enough: bool) -> Verdict:
             f"where their clips score {limits['sim_median']:.2f}",
         )
     else:
-        _judge_text(s, ratio, limits, add)
+        text_check = _judge_text(s, ratio, limits, add)
     if s.get("clipped_share", 0) > 0.001:
         add(0.5, "info", "clipping", f"{s['clipped_share']:.1%} of the samples are clipped")
     reasons.sort(key=lambda r: -r[0])
@@ -477,18 +698,27 @@ def _judge_one(s: dict, sim, ratio, limits: dict, enough: bool) -> Verdict:
         verdict = "review"
     badness = sum(r[0] for r in reasons if r[1] in ("drop", "review"))
     return Verdict(
-        verdict, [{"code": c, "message": m} for _, _, c, m in reasons], badness, sim, ratio
+        verdict,
+        [{"code": c, "message": m} for _, _, c, m in reasons],
+        badness,
+        sim,
+        ratio,
+        text_check,
     )
 
 
-def _judge_text(s: dict, ratio, limits: dict, add) -> None:
-    """Does the transcript fit the audio: by what pocketsphinx heard where it is trustworthy for
-    this speaker, and by the speaking rate the transcript implies."""
+def _judge_text(s: dict, ratio, limits: dict, add) -> str:
+    """Does the transcript fit the audio: by forced alignment where it is trustworthy for this
+    speaker, else by what pocketsphinx heard where that is, else by the speaking rate the
+    transcript implies. Returns which of the three judged."""
+    if limits.get("align_trusted") and s.get("align") in ("ok", "failed"):
+        _judge_alignment(s, add)
+        return "alignment"
     wer = s.get("wer")
     heard, written = s.get("heard_words", 0), max(s.get("text_words", 0), 1)
     asr_trusted = wer is not None and limits["wer"] <= WER_TRUSTED
     if asr_trusted and wer <= limits["wer"]:
-        return  # heard as written: an odd rate is this clip's pace, not its text
+        return "asr"  # heard as written: an odd rate is this clip's pace, not its text
     if asr_trusted:
         severity = "drop" if wer >= 0.9 else "review"
         starts_alike = s.get("prefix_wer", 1.0) <= TRUNCATED_PREFIX_WER
@@ -523,6 +753,51 @@ def _judge_text(s: dict, ratio, limits: dict, add) -> None:
             "transcript_mismatch",
             f"the transcript has {ratio:.0%} of the sounds this speaker's usual rate fits into "
             "the audio: it may belong to another clip",
+        )
+    if wer is not None:
+        return "asr"
+    return "rate" if ratio is not None else ""
+
+
+def _judge_alignment(s: dict, add) -> None:
+    """The transcript against the audio by forced alignment (TranscriptAligner's scores)."""
+    heard = s.get("heard")
+    said = f"; heard: “{heard[:80]}”" if heard else ""
+    if s["align"] == "failed":
+        add(
+            9.0,
+            "drop",
+            "transcript_mismatch",
+            "the transcript cannot be fitted to the audio: pocketsphinx finds no way through "
+            f"its words{said}",
+        )
+        return
+    untranscribed = s.get("untranscribed_s", 0.0)
+    tail_s, tail_share = s.get("tail_s", 0.0), s.get("tail_share", 0.0)
+    if tail_s >= TRUNCATED_TAIL_S and tail_share >= TRUNCATED_TAIL_SHARE:
+        add(
+            8.0 + min(tail_share, 1.0),
+            "drop" if tail_share >= 1.5 * TRUNCATED_TAIL_SHARE else "review",
+            "transcript_truncated",
+            f"the transcript seems to stop early: its last word ends {tail_s:.1f} s before the "
+            f"clip does ({tail_share:.0%} of it){said}",
+        )
+    elif untranscribed >= UNTRANSCRIBED_VOICED_S:
+        add(
+            8.0 + min(untranscribed, 1.0),
+            "drop" if untranscribed >= UNTRANSCRIBED_DROP_S else "review",
+            "transcript_mismatch",
+            f"{untranscribed:.1f} s of speech fit no word of the transcript: it may belong to "
+            f"another clip{said}",
+        )
+    elif s.get("longest_sound_s", 0.0) >= STRETCHED_PHONE_S:
+        add(
+            7.0 + s["longest_sound_s"],
+            "review",
+            "transcript_mismatch",
+            f"fitted to this audio, “{s.get('longest_word', '')}” would last "
+            f"{s['longest_sound_s']:.2f} s a sound: the transcript may belong to another "
+            f"clip{said}",
         )
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from training import audio as A
-from training.speaker_embedding import embed_wav, mean_embedding
+from training.speaker_embedding import ENCODER_SAMPLE_RATE, embed_wav, mean_embedding
 from training.text import Frontend, SymbolTable
 
 # Part of every feature file's source key: bump it when feature extraction changes, so old
@@ -223,16 +223,38 @@ def _reuse(job: _Job, path: Path, key: str) -> dict | None:
 
 
 def _needs_quality(quality) -> bool:
-    return _WORKER.get("quality", True) and not isinstance(quality, dict)
+    if not _WORKER.get("quality", True):
+        return False
+    # A cache scored before transcripts were aligned (or with alignment off then) is scored
+    # again once alignment is wanted; the features themselves stay.
+    return not isinstance(quality, dict) or (_WORKER.get("align") and "align" not in quality)
 
 
-def _quality(raw, trimmed, f0, job: _Job) -> dict | None:
+def _quality(raw, trimmed, f0, job: _Job, trimmed_16k=None) -> dict | None:
+    """The gate's scores of one clip; `trimmed_16k`, when the caller has it, is `trimmed` at
+    16 kHz (the speaker encoder's rate and the recogniser's), so it is not resampled twice."""
     if not _WORKER.get("quality", True):
         return None
-    from training.clip_quality import score_clip
+    from training import clip_quality
 
     cfg: A.AudioConfig = _WORKER["cfg"]
-    return score_clip(raw, trimmed, f0, cfg.sample_rate, job.phonemes)
+    scores = clip_quality.score_clip(raw, trimmed, f0, cfg.sample_rate, job.phonemes)
+    if _WORKER.get("align"):
+        if trimmed_16k is None:
+            trimmed_16k = A.resample(trimmed, cfg.sample_rate, clip_quality.ASR_SAMPLE_RATE)
+        try:
+            scores.update(
+                clip_quality.alignment_scores(
+                    trimmed_16k,
+                    clip_quality.ASR_SAMPLE_RATE,
+                    job.text,
+                    job.phonemes,
+                    f0,
+                )
+            )
+        except Exception as exc:  # the recogniser must never cost a clip its features
+            scores.update({"align": "skipped", "align_error": f"{type(exc).__name__}: {exc}"})
+    return scores
 
 
 def process_item(job: _Job) -> dict:
@@ -292,8 +314,10 @@ def _process_item(job: _Job) -> dict:
         mel, en = A.mel_and_energy(wav, cfg)
         f0 = A.pitch(wav, cfg.sample_rate, cfg.hop_length)
         # The wav is already trimmed and normalised: embed_speech's steps, done once here
-        # because the mel, pitch and energy need them too.
-        spk = embed_wav(wav, cfg.sample_rate, device=_WORKER["device"])
+        # because the mel, pitch and energy need them too. At 16 kHz it also feeds the
+        # gate's transcript alignment.
+        wav_16k = A.resample(wav, cfg.sample_rate, ENCODER_SAMPLE_RATE)
+        spk = embed_wav(wav_16k, ENCODER_SAMPLE_RATE, device=_WORKER["device"])
     feats = {
         "mel": mel.to(torch.float16),
         "pitch": f0.float(),
@@ -305,7 +329,7 @@ def _process_item(job: _Job) -> dict:
         "problems": problems,
         "source_key": key,
         "symbols_sha": _WORKER["symbols_sha"],
-        "quality": _quality(raw, wav, f0, job),
+        "quality": _quality(raw, wav, f0, job, wav_16k),
     }
     atomic_torch_save(feats, path)
     return _summary(feats, job, reused=False)
@@ -377,9 +401,10 @@ def preprocess_corpus(
     `workers` > 1 uses that many processes (spawned, so CUDA and espeak state are never
     shared by a fork). `quality` runs the quality gate (training.clip_quality): clips it
     drops, or that `overrides` (item id -> "keep" | "drop", a person's review) drop, stay out
-    of items.jsonl; every verdict goes to quality/verdicts.jsonl. `asr` says which English
-    clips pocketsphinx hears: "all", "inconclusive" (those the cheap scores leave in doubt)
-    or "off".
+    of items.jsonl; every verdict goes to quality/verdicts.jsonl. `asr` is the English
+    transcript check: "inconclusive" aligns every transcript and recognises the clips whose
+    transcript goes to review (clip_quality.asr_targets), "all" recognises every clip too,
+    "off" does neither.
     """
     from training.corpus import Problem
 
@@ -391,6 +416,8 @@ def preprocess_corpus(
     # but they would pile up with every crash.
     for leftover in (out / "feats").glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
+
+    from training.clip_quality import asr_available
 
     frontend = Frontend(lang, text_backend)
     jobs = _jobs(items, frontend)
@@ -404,6 +431,10 @@ def preprocess_corpus(
         "symbols_sha": _symbols_sha(table.to_list()),
         "device": device,
         "quality": quality,
+        # English transcripts are force-aligned in the workers (training.clip_quality): the
+        # check that catches a wrong transcript on every clip at a third of the recogniser's
+        # cost. The same switch as the recogniser's, so "off" really is off.
+        "align": bool(quality and asr != "off" and lang == "en" and asr_available()),
     }
     if part is not None and not 0 <= part[0] < part[1]:
         raise ValueError(f"part {part[0]} of {part[1]} does not exist")

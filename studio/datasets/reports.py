@@ -240,6 +240,7 @@ QUALITY_PICTURES = [
     ("voiced_share", "voiced share"),
     ("similarity", "similarity to the speaker's voice"),
     ("rate", "phonemes per voiced second"),
+    ("untranscribed_s", "speech outside the aligned words (s)"),
     ("wer", "word error rate (clips heard)"),
 ]
 MAX_PICTURED_SPEAKERS = 8
