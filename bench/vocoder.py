@@ -276,6 +276,12 @@ def compare_quality(args, val: list[dict], train: list[dict], workdir: Path) -> 
         ("griffin-lim", vocoders.GriffinLim()),
         ("hifigan", vocoders.load_vocoder("hifigan")),
     ]
+    if systems[-1][1].dtype != torch.float32:
+        # Served in bfloat16 on this processor: float32 beside it shows what bf16 costs.
+        from training.vocoder_model import pretrained_generator, wheel_config
+
+        _, layout = wheel_config()
+        systems.append(("hifigan-float32", vocoders.HiFiGAN(pretrained_generator(), layout)))
     if args.finetune_seconds > 0:
         path, info = finetune(
             round_robin(train, args.finetune_clips), args.finetune_seconds, workdir
