@@ -136,7 +136,11 @@ def measure(synth: Synthesizer, emb: np.ndarray, variant: str, repeats: int) -> 
         if synth.loaded.device.type == "cuda":
             torch.cuda.synchronize()
         runs.append((total, audio_s, first))
-    runs = runs[1:]
+    return _medians(runs[1:], repeats)
+
+
+def _medians(runs: list[tuple[float, float, float]], repeats: int) -> dict:
+    """(seconds, audio seconds, first-audio seconds) per run -> the JSON line's figures."""
     return {
         "rtf": statistics.median(t / a for t, a, _ in runs),
         "time_to_first_audio_s": statistics.median(f for _, _, f in runs),
@@ -159,14 +163,7 @@ def measure_stream(synth: Synthesizer, emb: np.ndarray, repeats: int) -> dict:
         one: dict[str, float] = {}
         next(iter(synth.audio_chunks(ONE_SENTENCE, emb, timings=one)))
         runs.append((whole["total_s"], audio_s, one["first_audio_s"]))
-    runs = runs[1:]
-    return {
-        "rtf": statistics.median(t / a for t, a, _ in runs),
-        "time_to_first_audio_s": statistics.median(f for _, _, f in runs),
-        "audio_s": runs[0][1],
-        "synth_s": statistics.median(t for t, _, _ in runs),
-        "repeats": repeats,
-    }
+    return _medians(runs[1:], repeats)
 
 
 def main() -> None:

@@ -133,3 +133,25 @@ def feature_cache(n: int = 12) -> Path:
             result = preprocess_corpus(items, cache, lang="en")
             assert result.kept == n, result.problems
     return cache
+
+
+def bare_checkpoint(folder: Path, texts) -> Path:
+    """An untrained tiny model with no seen speakers, whose symbols cover `texts`."""
+    from training.checkpoint import save_checkpoint
+    from training.model import MODEL_SIZES, TTSModel
+    from training.text import Frontend, SymbolTable
+
+    frontend = Frontend("en")
+    symbols = SymbolTable.from_tokens([frontend.tokens(" ".join(texts))])
+    model = TTSModel(MODEL_SIZES["tiny"], len(symbols))
+    return save_checkpoint(
+        folder / "bare.pt",
+        {
+            "model": model.state_dict(),
+            "model_config": MODEL_SIZES["tiny"].to_dict(),
+            "size": "tiny",
+            "symbols": symbols.to_list(),
+            "text": {"lang": "en", "backend": frontend.backend},
+            "speakers": {},
+        },
+    )

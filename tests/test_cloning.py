@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 
 from synthesis import cloning
-from tests.fixtures_audio import espeak_speech, feature_cache
+from tests.fixtures_audio import bare_checkpoint, espeak_speech, feature_cache
 from training.config import TrainConfig
 
 SENTENCES = [
@@ -145,24 +145,8 @@ def test_normalisation():
 
 def test_clone_scores_through_a_real_checkpoint(clips, tmp_path):
     from synthesis.engine import ModelCache, Synthesizer
-    from training.checkpoint import save_checkpoint
-    from training.model import MODEL_SIZES, TTSModel
-    from training.text import Frontend, SymbolTable
 
-    frontend = Frontend("en")
-    symbols = SymbolTable.from_tokens([frontend.tokens(" ".join(SENTENCES + TEXTS))])
-    model = TTSModel(MODEL_SIZES["tiny"], len(symbols))
-    path = save_checkpoint(
-        tmp_path / "bare.pt",
-        {
-            "model": model.state_dict(),
-            "model_config": MODEL_SIZES["tiny"].to_dict(),
-            "size": "tiny",
-            "symbols": symbols.to_list(),
-            "text": {"lang": "en", "backend": frontend.backend},
-            "speakers": {},
-        },
-    )
+    path = bare_checkpoint(tmp_path, SENTENCES + TEXTS)
     synth = Synthesizer(path, "cpu", vocoder="griffin-lim", cache=ModelCache())
     result = cloning.clone_scores(
         synth,

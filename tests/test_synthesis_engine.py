@@ -24,13 +24,11 @@ from synthesis.engine import ModelCache, Synthesizer, split_text
 from synthesis.evaluate import evaluate_checkpoint
 from synthesis.reference_clips import ReferenceAudioError
 from synthesis.vocoders import GRIFFIN_LIM, VocoderError, default_vocoder_name
-from tests.fixtures_audio import espeak_speech
+from tests.fixtures_audio import bare_checkpoint, espeak_speech
 from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import TrainConfig
 from training.corpus import CorpusItem
-from training.model import MODEL_SIZES, TTSModel
 from training.preprocess import preprocess_corpus
-from training.text import Frontend, SymbolTable
 from training.trainer import Trainer
 
 SENTENCES = [
@@ -209,26 +207,8 @@ def test_models_are_cached_least_recently_used_and_reloaded_when_rewritten(train
     assert Synthesizer(copy, "cpu", cache=cache).loaded is not other
 
 
-def bare_checkpoint(folder: Path) -> Path:
-    """An untrained tiny model with no seen speakers."""
-    frontend = Frontend("en")
-    symbols = SymbolTable.from_tokens([frontend.tokens(" ".join(SENTENCES))])
-    model = TTSModel(MODEL_SIZES["tiny"], len(symbols))
-    return save_checkpoint(
-        folder / "bare.pt",
-        {
-            "model": model.state_dict(),
-            "model_config": MODEL_SIZES["tiny"].to_dict(),
-            "size": "tiny",
-            "symbols": symbols.to_list(),
-            "text": {"lang": "en", "backend": frontend.backend},
-            "speakers": {},
-        },
-    )
-
-
 def test_a_checkpoint_without_seen_speakers_needs_a_reference(tmp_path):
-    synth = Synthesizer(bare_checkpoint(tmp_path), "cpu", cache=ModelCache())
+    synth = Synthesizer(bare_checkpoint(tmp_path, SENTENCES), "cpu", cache=ModelCache())
     with pytest.raises(ReferenceAudioError, match="reference clip"):
         synth.synthesize("Hello.")
     # Untrained, but the pipeline still gives audio of the right type.
@@ -239,7 +219,7 @@ def test_a_checkpoint_without_seen_speakers_needs_a_reference(tmp_path):
 def test_weights_that_do_not_fit_the_model_are_a_clear_error(tmp_path):
     from training.checkpoint import load_checkpoint
 
-    path = bare_checkpoint(tmp_path)
+    path = bare_checkpoint(tmp_path, SENTENCES)
     ckpt = load_checkpoint(path)
     del ckpt["model"]["mel_out.weight"]
     save_checkpoint(tmp_path / "old.pt", ckpt)
