@@ -149,6 +149,8 @@ def test_the_corpus_language_model_lets_pocketsphinx_hear_its_sentences(tmp_path
     recogniser = Q.CorpusRecogniser(tmp_path / "lm.arpa")
     wav, sr = espeak_speech("Rain fell all night.")
     heard = recogniser.transcribe(torch.from_numpy(wav), sr)
+    recogniser.close()
+    recogniser.close()  # twice is harmless
     assert Q.word_error_rate("Rain fell all night.", heard) <= 0.5, heard
     assert Q.word_error_rate("We walked home slowly.", heard) >= 0.75
 

@@ -29,6 +29,7 @@ supplies one as "dnsmos_bak".
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import math
@@ -314,6 +315,12 @@ class CorpusRecogniser:
         self._search = f"corpus-{uuid.uuid4().hex[:8]}"
         with self._shared.lock:
             self._shared.tight.add_lm_file(self._search, str(lm_path))
+
+    def close(self) -> None:
+        """Free this dataset's language model from the shared decoder: a Celery worker lives
+        through many preprocessing runs, and each would otherwise leave its model behind."""
+        with self._shared.lock, contextlib.suppress(KeyError):  # closed already
+            self._shared.tight.remove_search(self._search)
 
     def transcribe(self, wav: torch.Tensor, sr: int) -> str:
         pcm = _pcm16k(wav, sr)

@@ -648,6 +648,7 @@ def _hear(targets: list[_Job], everyone: list[_Job], out: Path, settings: dict) 
                 cache[job.id] = {"id": job.id, "key": key, "heard": heard[job.id]}
         finally:
             torch.set_num_threads(threads)
+            recogniser.close()
         _atomic_write_text(
             cache_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cache.values())
         )
