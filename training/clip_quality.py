@@ -387,7 +387,8 @@ def _word_phonemes(phonemes) -> list[str]:
     dropped)."""
     from training.text import _STRESS, EN_PUNCT, WORD
 
-    groups, cur = [], []
+    groups: list[str] = []
+    cur: list[str] = []
     for t in [*phonemes, WORD]:
         if t == WORD:
             if cur:

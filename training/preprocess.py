@@ -227,7 +227,7 @@ def _needs_quality(quality) -> bool:
         return False
     # A cache scored before transcripts were aligned (or with alignment off then) is scored
     # again once alignment is wanted; the features themselves stay.
-    return not isinstance(quality, dict) or (_WORKER.get("align") and "align" not in quality)
+    return not isinstance(quality, dict) or bool(_WORKER.get("align") and "align" not in quality)
 
 
 def _quality(raw, trimmed, f0, job: _Job, trimmed_16k=None) -> dict | None:
