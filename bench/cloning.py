@@ -1,4 +1,4 @@
-"""Cloning voices a checkpoint never heard: normalised SECS and WER, one JSON line per checkpoint.
+"""Cloning voices a checkpoint never heard: normalised SECS and WER, a JSON line per checkpoint.
 
     .venv/bin/python bench/cloning.py --checkpoint run/checkpoints/step_2000.pt [more.pt ...] \
         --corpus /work/shared/corpora/dev-en-8spk --held-out rms,esf2 [--label today] \
@@ -12,6 +12,9 @@ Trains nothing: it scores checkpoints that were trained with those speakers held
 
 A checkpoint whose `speakers` table names a held-out speaker was trained on that voice: the
 line says so ("leak") and its figures do not measure cloning of an unseen voice.
+
+A checkpoint with voice statistics gets two lines by default, with and without voice matching at
+synthesis (`--match on,off`), so the baseline is measured in the same run.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def main() -> int:
     parser.add_argument("--floor-clips", type=int, default=3, help="clips per floor speaker")
     parser.add_argument("--no-wer", action="store_true", help="skip pocketsphinx")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--match",
+        default="on,off",
+        help="voice matching at synthesis (training.voice_stats.match): on, off or both "
+        "(on,off: the baseline beside it in the same run)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -62,9 +71,13 @@ def main() -> int:
         for s, paths in by_speaker.items()
         if s not in held
     }
-    for path in args.checkpoint:
+    matches = [m.strip() == "on" for m in args.match.split(",") if m.strip()]
+    cache = ModelCache(1)
+    for path, match in ((p, m) for p in args.checkpoint for m in matches):
         started = time.perf_counter()
-        synth = Synthesizer(path, "cpu", vocoder=args.vocoder, cache=ModelCache(1))
+        synth = Synthesizer(path, "cpu", vocoder=args.vocoder, cache=cache, match_voice=match)
+        if match and not synth.loaded.uses_voice_stats and False in matches:
+            continue  # a checkpoint without voice statistics has nothing to match: one line
         leak = sorted(set(held) & set(synth.loaded.speakers))
         result = clone_scores(
             synth,
@@ -79,6 +92,8 @@ def main() -> int:
             "checkpoint": str(path),
             "step": synth.loaded.step,
             "size": synth.loaded.size,
+            "voice_stats": synth.loaded.uses_voice_stats,
+            "match_voice": match and synth.loaded.uses_voice_stats,
             "held_out": held,
             "leak": leak,
             **{k: v for k, v in result.items() if k != "speakers"},

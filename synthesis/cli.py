@@ -54,14 +54,13 @@ def vocode_files(
 def say(args: argparse.Namespace) -> Path:
     from synthesis.engine import Synthesizer
     from synthesis.evaluate import joined_clips
-    from synthesis.reference_clips import embed_references
 
     synth = Synthesizer(args.checkpoint, args.device, vocoder=args.vocoder)
     if args.reference:
         # Several clips of one person are joined into one reference, as the page does.
         clips = args.reference
-        target = embed_references(
-            clips[0] if len(clips) == 1 else joined_clips(clips, synth.sample_rate)
+        target = synth.speaker_embedding(
+            references=clips[0] if len(clips) == 1 else joined_clips(clips, synth.sample_rate)
         )
     else:
         target = synth.speaker_embedding(speaker=args.speaker)

@@ -108,7 +108,6 @@ def clone_scores(
     """
     from synthesis.evaluate import joined_clips, word_error_rate
     from synthesis.evaluate import transcribe as asr
-    from synthesis.reference_clips import embed_references
     from training.speaker_embedding import embed_speech, mean_embedding
 
     if not clips_by_speaker:
@@ -140,7 +139,9 @@ def clone_scores(
             raise ValueError(f"no clips of other speakers to set the floor for {name!r}")
         floor = float(np.mean([_cosine(clip_embedding(p), target) for p in other_paths]))
 
-        conditioning = embed_references(joined_clips(list(reference), synth.sample_rate))
+        conditioning = synth.speaker_embedding(
+            references=joined_clips(list(reference), synth.sample_rate)
+        )
         outputs = []
         for text in texts:
             out = synth.synthesize(text, conditioning)

@@ -22,6 +22,7 @@ from synthesis import reference_clips
 from synthesis.vocoders import Vocoder, load_vocoder
 from training import audio as audio_lib
 from training import text as text_lib
+from training import voice_stats
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.device import select_device
 from training.model import ModelConfig, TTSModel, load_model_weights
@@ -75,7 +76,13 @@ class LoadedModel:
     size: str
     val_loss: float | None
     stats: dict = field(default_factory=dict)
+    # Seen speakers' voice statistics (training.voice_stats), for a model that uses them.
+    voices: dict[str, list[float]] = field(default_factory=dict)
     _frontends: dict = field(default_factory=dict)
+
+    @property
+    def uses_voice_stats(self) -> bool:
+        return bool(self.model.cfg.voice_stats)
 
     def frontend(self, lang: str) -> text_lib.Frontend:
         if lang not in self._frontends:
@@ -125,6 +132,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         size=str(ckpt.get("size", "")),
         val_loss=ckpt.get("val_loss"),
         stats=dict(ckpt.get("stats") or {}),
+        voices={k: list(v) for k, v in (ckpt.get("voices") or {}).items()},
     )
 
 
@@ -264,6 +272,8 @@ class Synthesizer:
     `vocoder` is a Vocoder, or a name for `load_vocoder` (griffin-lim, hifigan, the path of a
     fine-tuned vocoder checkpoint); None is the default (HiFi-GAN universal when installed).
     A vocoder that cannot serve this checkpoint raises VocoderError with the reason.
+    `match_voice` moves each sentence's mel to the voice's statistics before the vocoder
+    (training.voice_stats.match), for models and voices that have them.
     """
 
     def __init__(
@@ -272,7 +282,9 @@ class Synthesizer:
         device: str | torch.device = "auto",
         vocoder: Vocoder | str | Path | None = None,
         cache: ModelCache | None = None,
+        match_voice: bool = True,
     ):
+        self.match_voice = match_voice
         self.loaded = (cache if cache is not None else MODELS).get(checkpoint, device)
         if not isinstance(vocoder, Vocoder):
             vocoder = load_vocoder(vocoder, self.loaded.audio, self.loaded.device)
@@ -296,16 +308,51 @@ class Synthesizer:
         return sorted(self.loaded.speakers)
 
     def speaker_embedding(self, speaker: str | None = None, references=None) -> np.ndarray:
-        """Reference clip(s) if given, else a seen speaker by name, else the first seen speaker."""
+        """The voice to speak with: reference clip(s) if given, else a seen speaker by name, else
+        the first seen speaker.
+
+        The 256-d speaker embedding, followed, for a model with voice statistics, by the
+        voice's statistics (training.voice_stats): the references' own, or the seen speaker's
+        from the checkpoint. Every method here takes this vector, or a bare embedding (the
+        model then uses its training voices' mean statistics).
+        """
+        uses_stats = self.loaded.uses_voice_stats
         if references is not None and not (isinstance(references, Sequence) and not references):
-            return reference_clips.embed_references(references)
+            return reference_clips.reference_voice(
+                references, self.loaded.audio if uses_stats else None
+            )
+        if not speaker and self.loaded.speakers:
+            speaker = self.speakers[0]
         if speaker:
-            return reference_clips.seen_speaker_embedding(self.loaded.speakers, speaker)
-        if self.loaded.speakers:
-            return reference_clips.seen_speaker_embedding(self.loaded.speakers, self.speakers[0])
+            embedding = reference_clips.seen_speaker_embedding(self.loaded.speakers, speaker)
+            if uses_stats and speaker in self.loaded.voices:
+                stats = np.asarray(self.loaded.voices[speaker], dtype=np.float32)
+                return np.concatenate([embedding, stats])
+            return embedding
         raise reference_clips.ReferenceAudioError(
             "missing", "This checkpoint has no seen speakers; give a reference clip of the voice."
         )
+
+    def _voice_tensors(self, voice: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A voice vector -> (embedding [1, 256], statistics [1, n_mels + 1] or None)."""
+        vector = torch.as_tensor(np.asarray(voice, dtype=np.float32)).reshape(1, -1)
+        vector = vector.to(self.loaded.device)
+        dim = self.loaded.model.cfg.speaker_dim
+        if vector.shape[1] == dim:
+            return vector, None
+        if not self.loaded.uses_voice_stats or vector.shape[1] != dim + voice_stats.dim(
+            self.loaded.model.cfg.n_mels
+        ):
+            raise ValueError(
+                f"a voice is a {dim}-d speaker embedding"
+                + (
+                    " optionally followed by its voice statistics"
+                    if self.loaded.uses_voice_stats
+                    else ""
+                )
+                + f", not {vector.shape[1]} numbers"
+            )
+        return vector[:, :dim], vector[:, dim:]
 
     def encode(self, chunk: str, lang: str) -> list[int]:
         return self.loaded.symbols.encode(self.loaded.frontend(lang).tokens(chunk))
@@ -333,8 +380,7 @@ class Synthesizer:
         timings["frontend_s"] += time.perf_counter() - t0
         if not chunks:
             raise ValueError("Nothing to say: the text has no words this model can speak.")
-        spk = torch.as_tensor(np.asarray(speaker_embedding, dtype=np.float32)).reshape(1, -1)
-        spk = spk.to(self.loaded.device)
+        spk = self._voice_tensors(speaker_embedding)
         said = 0
         for chunk_text, pause in chunks:
             t = time.perf_counter()
@@ -384,8 +430,7 @@ class Synthesizer:
         if not text or not text.strip():
             raise ValueError("Type some text to speak.")
         chunks = split_text(text, lang)
-        spk = torch.as_tensor(np.asarray(speaker_embedding, dtype=np.float32)).reshape(1, -1)
-        spk = spk.to(self.loaded.device)
+        spk = self._voice_tensors(speaker_embedding)
         said = 0
         for chunk_text, pause in chunks:
             ids = self.encode(chunk_text, lang)
@@ -416,19 +461,24 @@ class Synthesizer:
             )
         timings["total_s"] = time.perf_counter() - start
 
-    def _mel(self, ids: list[int], spk: torch.Tensor, speed, pitch, energy) -> torch.Tensor:
+    def _mel(self, ids: list[int], spk: tuple, speed, pitch, energy) -> torch.Tensor:
+        embedding, stats = spk
         with torch.inference_mode():
             tokens = torch.tensor([ids], dtype=torch.long, device=self.loaded.device)
             out = self.loaded.model.infer(
                 tokens,
                 torch.tensor([len(ids)], device=self.loaded.device),
-                spk,
+                embedding,
+                voice_stats=stats,
                 duration_scale=1.0 / float(speed),
                 pitch_shift=float(pitch),  # semitones; the model maps them through its pitch stats
                 energy_scale=float(energy),
             )
             n = int(out["mel_lens"][0])
-            return out["mel"][0, :, :n].float().cpu()
+            mel = out["mel"][0, :, :n].float().cpu()
+            if stats is not None and self.match_voice:
+                mel = voice_stats.match(mel, stats[0].cpu(), float(np.log(audio_lib.LOG_FLOOR)))
+            return mel
 
     def synthesize(
         self,
@@ -479,6 +529,14 @@ class Synthesizer:
             dropped=dropped,
             vocoder=self.vocoder.name,
         )
+
+
+def embedding_of(voice: np.ndarray) -> np.ndarray:
+    """The speaker embedding part of a voice vector (Synthesizer.speaker_embedding), for
+    similarity scores: the statistics after it are not in the encoder's space."""
+    from training.speaker_embedding import EMBEDDING_DIM
+
+    return np.asarray(voice, dtype=np.float32).reshape(-1)[:EMBEDDING_DIM]
 
 
 def fade_in(wav: np.ndarray, sr: int, seconds: float = EDGE_FADE_S) -> np.ndarray:

@@ -245,13 +245,14 @@ def speaker_secs(synth, reference_clips: list, target_clips: list, texts) -> dic
     for a fine-tune, clips it never trained on). The ceiling is each reference clip against the
     same target, as in synthesis.cloning."""
     from synthesis.cloning import clip_embedding
-    from synthesis.reference_clips import embed_references
     from training.speaker_embedding import embed_speech, mean_embedding
 
     if not reference_clips or not target_clips:
         raise ValueError("need at least one reference clip and one other clip to compare with")
     target = mean_embedding([clip_embedding(p) for p in target_clips])
-    conditioning = embed_references(joined_clips(list(reference_clips), synth.sample_rate))
+    conditioning = synth.speaker_embedding(
+        references=joined_clips(list(reference_clips), synth.sample_rate)
+    )
     outputs = [synth.synthesize(text, conditioning) for text in texts]
     return {
         "secs": float(
@@ -289,7 +290,7 @@ def evaluate_checkpoint(
     """
     from synthesis.engine import Synthesizer
     from synthesis.quality import QualityUnavailable, dnsmos
-    from synthesis.reference_clips import seen_speaker_embedding
+    from training import voice_stats
     from training.audio import load_audio
 
     cache_dir = Path(cache_dir)
@@ -324,7 +325,12 @@ def evaluate_checkpoint(
         real_emb = feats["spk_emb"].float().numpy()
         gt_mel = feats["mel"].float()
         if rec["speaker"] in synth.loaded.speakers:
-            target = seen_speaker_embedding(synth.loaded.speakers, rec["speaker"])
+            target = synth.speaker_embedding(speaker=rec["speaker"])
+        elif synth.loaded.uses_voice_stats:
+            # A speaker the checkpoint has no table row for: its own clip's voice, as a
+            # reference of it would give.
+            stats = voice_stats.voice_statistics(gt_mel[None], feats["pitch"].float()[None])
+            target = np.concatenate([real_emb, stats[0].numpy()])
         else:
             target = real_emb
         out = synth.synthesize(rec["text"], target)

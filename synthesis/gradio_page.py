@@ -220,7 +220,7 @@ def build_synthesis_page(sources: PageSources, title: str = "Voice out") -> gr.B
             raise gr.Error(str(exc)) from exc
         wav = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
         sr, hop = synth.sample_rate, synth.loaded.audio.hop_length
-        similarity = scores.secs(scores.embed_audio(wav, sr), target)
+        similarity = scores.secs(scores.embed_audio(wav, sr), engine.embedding_of(target))
         seconds = len(wav) / sr
         total = timings.get("total_s", 0.0)
         notes = [

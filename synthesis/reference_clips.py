@@ -175,25 +175,67 @@ def embed_clip(clip: ReferenceClip) -> np.ndarray:
     return embed_speech(clip.source, clip.original_sample_rate)
 
 
+def load_references(sources: AudioSource | Sequence[AudioSource]) -> list[ReferenceClip]:
+    """One clip or several, each decoded and checked; a bad one is named in the error."""
+    given: list = [sources] if is_single_source(sources) else list(sources)  # type: ignore[arg-type]
+    if not given:
+        raise ReferenceAudioError("missing", "Give at least one reference clip.")
+    clips = []
+    for i, source in enumerate(given, 1):
+        try:
+            clips.append(load_reference(source))
+        except ReferenceAudioError as exc:
+            if len(given) == 1:
+                raise
+            name = Path(source).name if isinstance(source, (str, os.PathLike)) else f"clip {i}"
+            raise ReferenceAudioError(exc.code, f"{name}: {exc}") from exc
+    return clips
+
+
 def embed_references(sources: AudioSource | Sequence[AudioSource]) -> np.ndarray:
     """One clip or several of the same person -> one L2-normalised 256-d embedding.
 
     Several clips are averaged: the mean of unit embeddings is the usual way to get a steadier
     speaker vector than any single utterance gives.
     """
-    clips: list = [sources] if is_single_source(sources) else list(sources)  # type: ignore[arg-type]
-    if not clips:
-        raise ReferenceAudioError("missing", "Give at least one reference clip.")
-    embeddings = []
-    for i, source in enumerate(clips, 1):
-        try:
-            embeddings.append(embed_clip(load_reference(source)))
-        except ReferenceAudioError as exc:
-            if len(clips) == 1:
-                raise
-            name = Path(source).name if isinstance(source, (str, os.PathLike)) else f"clip {i}"
-            raise ReferenceAudioError(exc.code, f"{name}: {exc}") from exc
-    return normalised(np.mean(embeddings, axis=0))
+    return _mean_embedding(load_references(sources))
+
+
+def _mean_embedding(clips: list[ReferenceClip]) -> np.ndarray:
+    return normalised(np.mean([embed_clip(c) for c in clips], axis=0))
+
+
+def clip_voice_statistics(clips: list[ReferenceClip], audio) -> np.ndarray:
+    """The voice statistics (training.voice_stats) of reference clips, with the features the
+    model was trained on: the clip at the model's rate, trimmed and loudness-normalised as
+    preprocessing does, its log-mel and YIN pitch. `audio` is the model's AudioConfig."""
+    from training import audio as audio_lib
+    from training import voice_stats
+
+    mels, f0s = [], []
+    for clip in clips:
+        if clip.source is not None:
+            wav = torch.from_numpy(clip.source)
+            sr = clip.original_sample_rate
+        else:
+            wav, sr = torch.from_numpy(clip.wav), ENCODER_SAMPLE_RATE
+        if sr != audio.sample_rate:
+            wav = resample(wav, sr, audio.sample_rate)
+        wav = audio_lib.normalise_loudness(audio_lib.trim_silence(wav, audio.sample_rate))
+        with torch.inference_mode():
+            mels.append(audio_lib.mel_spectrogram(wav, audio))
+            f0s.append(audio_lib.pitch(wav, audio.sample_rate, audio.hop_length))
+    return voice_stats.of_clips(mels, f0s).numpy().astype(np.float32)
+
+
+def reference_voice(sources: AudioSource | Sequence[AudioSource], audio=None) -> np.ndarray:
+    """The voice a model is conditioned on: the mean embedding, followed by the clips' voice
+    statistics when `audio` (the model's AudioConfig) is given, from one decode of each clip."""
+    clips = load_references(sources)
+    embedding = _mean_embedding(clips)
+    if audio is None:
+        return embedding
+    return np.concatenate([embedding, clip_voice_statistics(clips, audio)])
 
 
 def is_single_source(source) -> bool:

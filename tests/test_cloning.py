@@ -69,6 +69,11 @@ class SpeaksAs:
         self.voice = voice
         self.given: list[np.ndarray] = []
 
+    def speaker_embedding(self, speaker=None, references=None) -> np.ndarray:
+        from synthesis.reference_clips import embed_references
+
+        return embed_references(references)
+
     def synthesize(self, text: str, speaker_embedding) -> _Out:
         self.given.append(np.asarray(speaker_embedding))
         wav, sr = espeak_speech(text, self.voice)

@@ -81,6 +81,7 @@ def test_output_shapes_and_masks():
         "attn_hard": (b, 1, frames, length),
         "token_lens": (b,),
         "mel_lens": (b,),
+        "voice_stats": (b, 161),  # each utterance's own (training.voice_stats)
     }
     assert set(out) == set(shapes)
     for key, shape in shapes.items():

@@ -8,6 +8,10 @@ A non-autoregressive model of the FastPitch / FastSpeech 2 family, read top to b
    shared layer, and from there into every layer norm of the encoder, the variance predictors
    and the decoder (conditional layer norm, AdaSpeech 4 / StyleSpeech): each predicts its own
    scale and shift from the voice. It is also projected and added to the encoder output.
+   Voice statistics (training.voice_stats: each mel band's mean and spread over the voice's
+   speech, its median pitch) join the embedding there, and are put back exactly at the output:
+   the decoder speaks in the voice's standardised units and the pitch predictor relative to
+   the voice's level, so a voice the model never heard keeps its own spectrum and pitch.
 3. ``Aligner`` (RAD-TTS): small conv encoders turn the token embeddings into keys and the
    target mel into queries; their distances give a soft text-to-frame attention (trained by
    the forward-sum loss); monotonic alignment search turns it into hard durations without
@@ -30,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training import voice_stats as vs
 from training.alignment import mas
 
 # Log probabilities of padded cells: finite, so masked sums and products never make NaN.
@@ -41,6 +46,9 @@ LOG_ZERO = -1e4
 # aligner-only steps). The mel output layer starts at MEL_CENTER for the same reason.
 MEL_CENTER = -5.5
 MEL_SCALE = 2.2
+# Spread of speakers' median log F0 (0.25 nepers is about 4 semitones), so the pitch level enters
+# the conditioning at O(1) like the mel statistics.
+LOG_F0_SCALE = 0.25
 
 
 @dataclass
@@ -70,6 +78,10 @@ class ModelConfig:
     # decoder) besides the vector added to the encoder output. "add": only that vector, as
     # checkpoints made before conditional layer norms (kept to measure against).
     speaker_conditioning: str = "cln"
+    # Mel and pitch predicted relative to the voice's own statistics (training.voice_stats: mean
+    # and spread of the log-mel of its speech, median log F0), which are put back at the output
+    # and also steer the conditional norms. False: checkpoints from before them.
+    voice_stats: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +105,7 @@ MODEL_SIZES: dict[str, ModelConfig] = {
         predictor_dim=96,
         align_dim=48,
         dropout=0.1,
+        voice_stats=True,
     ),
     "small": ModelConfig(
         d_model=192,
@@ -102,6 +115,7 @@ MODEL_SIZES: dict[str, ModelConfig] = {
         ff_dim=640,
         predictor_dim=192,
         align_dim=80,
+        voice_stats=True,
     ),
     "normal": ModelConfig(
         d_model=384,
@@ -111,6 +125,7 @@ MODEL_SIZES: dict[str, ModelConfig] = {
         ff_dim=1536,
         predictor_dim=256,
         align_dim=80,
+        voice_stats=True,
     ),
     "big": ModelConfig(
         d_model=512,
@@ -120,6 +135,7 @@ MODEL_SIZES: dict[str, ModelConfig] = {
         ff_dim=2048,
         predictor_dim=384,
         align_dim=96,
+        voice_stats=True,
     ),
 }
 
@@ -389,6 +405,13 @@ def regulate_length(states: torch.Tensor, durations: torch.Tensor, max_len: int 
 
 
 class TTSModel(nn.Module):
+    # Buffers (register_buffer), declared for type checkers.
+    pitch_mean: torch.Tensor
+    pitch_std: torch.Tensor
+    energy_mean: torch.Tensor
+    energy_std: torch.Tensor
+    default_voice: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, n_symbols: int):
         super().__init__()
         self.cfg = cfg
@@ -402,10 +425,11 @@ class TTSModel(nn.Module):
                 f"speaker_conditioning must be 'cln' or 'add', not {cfg.speaker_conditioning!r}"
             )
         cond = d if cfg.speaker_conditioning == "cln" else None
+        stats_dim = vs.dim(cfg.n_mels) if cfg.voice_stats else 0
         # One shared layer between the embedding and every norm: a few hundred parameters per
         # norm instead of a 256-wide map each, and one place where voices are compared.
         self.speaker_cond = (
-            nn.Sequential(nn.Linear(cfg.speaker_dim, d), nn.SiLU()) if cond else None
+            nn.Sequential(nn.Linear(cfg.speaker_dim + stats_dim, d), nn.SiLU()) if cond else None
         )
         self.encoder = TransformerStack(cfg, cfg.enc_layers, cond)
         self.speaker_proj = nn.Linear(cfg.speaker_dim, d)
@@ -423,7 +447,16 @@ class TTSModel(nn.Module):
         self.energy_embed = nn.Conv1d(1, d, 3, padding=1)
         self.decoder = TransformerStack(cfg, cfg.dec_layers, cond)
         self.mel_out = nn.Linear(d, cfg.n_mels)
-        nn.init.constant_(self.mel_out.bias, MEL_CENTER)
+        # With voice statistics the voice's own mean log-mel is added to the output, so the
+        # layer predicts deviations from it and starts at 0; without, at the typical level.
+        nn.init.constant_(self.mel_out.bias, 0.0 if cfg.voice_stats else MEL_CENTER)
+        if cfg.voice_stats:
+            # The voice used when a caller gives an embedding without statistics: the mean of
+            # the training voices (the trainer keeps it up to date), typical speech until then.
+            default = torch.full((vs.dim(cfg.n_mels),), MEL_CENTER)
+            default[cfg.n_mels : 2 * cfg.n_mels] = 1.0
+            default[-1] = vs.UNKNOWN_LOG_F0
+            self.register_buffer("default_voice", default)
         # Feature statistics of the training data (Hz and energy units), so infer() can take
         # a pitch shift in semitones and an energy scale on the real, not the normalised, values.
         self.register_buffer("pitch_mean", torch.tensor(0.0))
@@ -437,15 +470,57 @@ class TTSModel(nn.Module):
             if name in stats and stats[name] is not None:
                 getattr(self, name).fill_(float(stats[name]))
 
-    def speaker_condition(self, spk_emb: torch.Tensor) -> torch.Tensor | None:
-        """[B, 256] unit-length embeddings -> [B, d] the conditional norms read (None: "add").
+    def speaker_condition(
+        self, spk_emb: torch.Tensor, voice: dict | None = None
+    ) -> torch.Tensor | None:
+        """[B, 256] unit-length embeddings (and the voice terms) -> [B, d] the conditional
+        norms read (None: "add").
 
         Scaled by sqrt(256) first so its entries are O(1): at unit length each is about 0.06
         and the shared layer would start with a voice signal too faint to learn from.
         """
         if self.speaker_cond is None:
             return None
-        return self.speaker_cond(spk_emb.float() * math.sqrt(self.cfg.speaker_dim))
+        x = spk_emb.float() * math.sqrt(self.cfg.speaker_dim)
+        if voice is None and self.cfg.voice_stats:
+            voice = self.voice_terms(None, spk_emb.shape[0])
+        if voice is not None:
+            x = torch.cat([x, voice["features"]], dim=1)
+        return self.speaker_cond(x)
+
+    def voice_of_batch(self, batch: dict) -> torch.Tensor:
+        """Each utterance's own voice statistics [B, 2 n_mels + 1] from its target mel and pitch
+        (training: the voice is read off the very clip being learned, as a reference is)."""
+        pitch = batch["pitch"].float()
+        hz = torch.where(pitch != 0, pitch * self.pitch_std + self.pitch_mean, pitch)
+        return vs.voice_statistics(batch["mels"], hz, batch["mel_lens"])
+
+    def voice_terms(self, stats: torch.Tensor | None, batch_size: int) -> dict | None:
+        """Voice statistics [B, 2 n_mels + 1] (None: the default voice) -> what the model puts
+        back: the mel mean and spread [B, n_mels] each, the pitch offset in normalised units
+        [B] and the conditioning features. None for a model without voice statistics."""
+        if not self.cfg.voice_stats:
+            return None
+        if stats is None:
+            stats = self.default_voice[None].expand(batch_size, -1)
+        stats = stats.float().to(self.default_voice.device)
+        mel_mean, spread, log_f0 = vs.split(stats, self.cfg.n_mels)
+        spread = spread.clamp(min=vs.MIN_SPREAD)
+        # Pitch statistics are unset (0) only in a model that never saw data: no pitch offset.
+        has_pitch = (self.pitch_mean > 0).float()
+        centre = self.pitch_mean.clamp(min=1.0).log()
+        known = (log_f0 != vs.UNKNOWN_LOG_F0).float() * has_pitch
+        log_f0 = known * log_f0 + (1 - known) * centre
+        pitch_offset = (log_f0.exp() - self.pitch_mean) / self.pitch_std * has_pitch
+        features = torch.cat(
+            [
+                (mel_mean - MEL_CENTER) / MEL_SCALE,
+                spread.log(),
+                ((log_f0 - centre) / LOG_F0_SCALE)[:, None],
+            ],
+            dim=1,
+        )
+        return {"mel": mel_mean, "spread": spread, "pitch": pitch_offset, "features": features}
 
     def encode(self, tokens, text_mask, spk_emb, cond=None):
         text_emb = self.embed(tokens)
@@ -462,12 +537,24 @@ class TTSModel(nn.Module):
         keep = text_mask[..., None].to(enc.dtype)
         return enc + self.energy_embed(energy[:, None].to(enc.dtype)).transpose(1, 2) * keep
 
-    def decode(self, enc, durations, max_len=None, cond=None):
+    def decode(self, enc, durations, max_len=None, cond=None, voice=None):
         frames, mel_lens = regulate_length(enc, durations, max_len)
         mel_mask = lengths_to_mask(mel_lens, frames.shape[1])
         hidden = self.decoder(frames, mel_mask, cond)
-        mel = self.mel_out(hidden).transpose(1, 2) * mel_mask[:, None].to(hidden.dtype)
-        return mel, mel_lens, mel_mask
+        mel = self.mel_out(hidden).transpose(1, 2)
+        if voice is not None:
+            # The decoder speaks in units of the voice: each band standardised by the voice's
+            # own mean and spread, put back here.
+            mel = mel * voice["spread"][:, :, None].to(mel.dtype) + voice["mel"][:, :, None].to(
+                mel.dtype
+            )
+        return mel * mel_mask[:, None].to(mel.dtype), mel_lens, mel_mask
+
+    def predict_pitch(self, enc, text_mask, cond, voice):
+        pitch = self.pitch_predictor(enc, text_mask, cond)
+        if voice is not None:
+            pitch = pitch + voice["pitch"][:, None].to(pitch.dtype) * text_mask.to(pitch.dtype)
+        return pitch
 
     def forward(self, batch: dict) -> dict:
         """Teacher-forced pass over a collated batch (training.data.collate).
@@ -484,7 +571,11 @@ class TTSModel(nn.Module):
         text_mask = lengths_to_mask(token_lens, tokens.shape[1])
         mel_mask = lengths_to_mask(mel_lens, mels.shape[2])
 
-        cond = self.speaker_condition(batch["spk_emb"])
+        stats = batch.get("voice_stats")
+        if self.cfg.voice_stats and stats is None:
+            stats = self.voice_of_batch(batch)
+        voice = self.voice_terms(stats, tokens.shape[0])
+        cond = self.speaker_condition(batch["spk_emb"], voice)
         text_emb, enc = self.encode(tokens, text_mask, batch["spk_emb"], cond)
 
         log_prior = None
@@ -497,7 +588,7 @@ class TTSModel(nn.Module):
         dur_target = attn_hard.sum(2)[:, 0]  # [B, L] frames per token
 
         log_dur_pred = self.duration_predictor(enc, text_mask, cond)
-        pitch_pred = self.pitch_predictor(enc, text_mask, cond)
+        pitch_pred = self.predict_pitch(enc, text_mask, cond, voice)
         frames = mels.shape[2]
         pitch_target = average_over_durations(batch["pitch"][:, :frames], dur_target, True)
         energy_target = average_over_durations(batch["energy"][:, :frames], dur_target, False)
@@ -506,7 +597,7 @@ class TTSModel(nn.Module):
         energy_pred = self.energy_predictor(enc, text_mask, cond)
         enc = self.add_energy(enc, energy_target, text_mask)
 
-        mel_pred, _, _ = self.decode(enc, dur_target, max_len=frames, cond=cond)
+        mel_pred, _, _ = self.decode(enc, dur_target, max_len=frames, cond=cond, voice=voice)
         # The loss runs in float32 whatever the autocast dtype of the layers was.
         return {
             "mel_pred": mel_pred.float(),
@@ -524,6 +615,7 @@ class TTSModel(nn.Module):
             "attn_hard": attn_hard,
             "token_lens": token_lens,
             "mel_lens": mel_lens,
+            "voice_stats": stats,
         }
 
     @torch.no_grad()
@@ -535,16 +627,20 @@ class TTSModel(nn.Module):
         duration_scale: float = 1.0,
         pitch_shift: float = 0.0,
         energy_scale: float = 1.0,
+        voice_stats: torch.Tensor | None = None,
     ) -> dict:
         """Synthesise mels from tokens [B, L] and speaker embeddings [B, 256].
 
         ``duration_scale`` > 1 speaks slower. ``pitch_shift`` is in semitones: the predicted
         pitch is moved in Hz by 2**(shift/12) through the stored pitch statistics.
         ``energy_scale`` multiplies the predicted energy in its real (not normalised) units.
+        ``voice_stats`` [B, 2 n_mels + 1] (training.voice_stats, from the reference clips) sets
+        the voice's spectrum and pitch level; None takes the training voices' mean.
         Returns mel [B, 80, T], mel_lens [B] and durations [B, L] (frames per token).
         """
         text_mask = lengths_to_mask(token_lens, tokens.shape[1])
-        cond = self.speaker_condition(spk_emb)
+        voice = self.voice_terms(voice_stats, tokens.shape[0])
+        cond = self.speaker_condition(spk_emb, voice)
         _, enc = self.encode(tokens, text_mask, spk_emb, cond)
 
         # The predictor learns log(1 + frames), so a zero-length token is representable.
@@ -559,7 +655,7 @@ class TTSModel(nn.Module):
         empty = durations.sum(1) == 0
         durations[empty, 0] = 1
 
-        pitch = self.pitch_predictor(enc, text_mask, cond).float()
+        pitch = self.predict_pitch(enc, text_mask, cond, voice).float()
         if pitch_shift:
             ratio = 2.0 ** (pitch_shift / 12.0)
             hz = pitch * self.pitch_std + self.pitch_mean
@@ -570,7 +666,7 @@ class TTSModel(nn.Module):
             real = energy * self.energy_std + self.energy_mean
             energy = (real * energy_scale - self.energy_mean) / self.energy_std * text_mask
         enc = self.add_energy(enc, energy, text_mask)
-        mel, mel_lens, _ = self.decode(enc, durations, cond=cond)
+        mel, mel_lens, _ = self.decode(enc, durations, cond=cond, voice=voice)
         return {"mel": mel.float(), "mel_lens": mel_lens, "durations": durations}
 
 

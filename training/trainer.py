@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from training import distributed
+from training import distributed, voice_stats
 from training.audio import LOG_FLOOR, AudioConfig, griffin_lim
 from training.augment import base_speaker
 from training.checkpoint import (
@@ -62,6 +62,7 @@ from training.shards import ShardedFeatureDataset, open_features
 
 SAMPLE_COUNT = 2  # fixed validation utterances turned into audio at every eval
 MIN_SAMPLE_FRAMES = 8
+VOICE_TABLE_CLIPS = 50  # clips per speaker read for its voice statistics
 PRELOAD_MAX_AUDIO_S = 3 * 3600  # about 540 MB of cached features
 
 
@@ -280,6 +281,10 @@ class Trainer:
         self.model_config: ModelConfig = MODEL_SIZES[cfg.size]
         self.model = TTSModel(self.model_config, len(self.symbols)).to(self.device)
         self.model.set_feature_stats(self.meta["stats"])
+        # Each training voice's statistics (training.voice_stats), for synthesis by name; their
+        # mean is the model's default voice. Before the weight average copies the buffers.
+        self.voices = self._voice_table() if self.model_config.voice_stats else {}
+        self._set_default_voice()
         self.param_count = count_parameters(self.model)
         # bf16 needs no loss scaling; fp16 (GPUs without bf16) does, or small gradients vanish.
         self.amp_dtype = autocast_dtype(self.device)
@@ -383,6 +388,39 @@ class Trainer:
                 f"{dropped} {split} utterance(s) have fewer mel frames than tokens and are skipped"
             )
         return Subset(dataset, keep), [dataset.lengths[i] for i in keep]
+
+    def _voice_table(self) -> dict[str, list[float]]:
+        """Voice statistics of every training speaker from up to VOICE_TABLE_CLIPS of its clips
+        (spread over them): a bounded read, whatever the size of the corpus."""
+        dataset = self.train_set.dataset
+        by_speaker: dict[str, list[int]] = {}
+        for i in self.train_set.indices:
+            by_speaker.setdefault(dataset.items[i]["speaker"], []).append(i)
+        mean, std = self.meta["stats"]["pitch_mean"], self.meta["stats"]["pitch_std"]
+        table = {}
+        for name, indices in sorted(by_speaker.items()):
+            chosen = indices[:: max(1, len(indices) // VOICE_TABLE_CLIPS)][:VOICE_TABLE_CLIPS]
+            mels, f0s = [], []
+            for i in chosen:
+                item = dataset[i]
+                pitch = item["pitch"].float()
+                mels.append(item["mel"].float())
+                f0s.append(torch.where(pitch != 0, pitch * std + mean, pitch))
+            table[name] = voice_stats.of_clips(mels, f0s).tolist()
+        return table
+
+    def _set_default_voice(self) -> None:
+        if not self.voices:
+            return
+        stats = torch.tensor(list(self.voices.values()), dtype=torch.float32)
+        # The mean voice: mean of means, root mean square of spreads, mean of known pitches.
+        default = stats.mean(0)
+        n = self.model_config.n_mels
+        default[n : 2 * n] = stats[:, n : 2 * n].pow(2).mean(0).sqrt()
+        known = stats[:, -1] != voice_stats.UNKNOWN_LOG_F0
+        default[-1] = stats[known, -1].mean() if known.any() else voice_stats.UNKNOWN_LOG_F0
+        with torch.no_grad():
+            self.model.default_voice.copy_(default.to(self.model.default_voice.device))
 
     def _optimizer(self) -> torch.optim.Optimizer:
         # A fine-tune's frozen parts (cfg.freeze) get no gradient and no optimiser state; the
@@ -820,6 +858,7 @@ class Trainer:
                 tokens,
                 torch.tensor([tokens.shape[1]], device=self.device),
                 item["spk_emb"][None].to(self.device),
+                voice_stats=self._item_voice(item),
             )
             mel = result["mel"][0, :, : int(result["mel_lens"][0])].float().cpu()
             # An untrained duration predictor can say one frame, too short for an STFT window;
@@ -841,6 +880,15 @@ class Trainer:
                 )
             )
         return out
+
+    def _item_voice(self, item: dict) -> torch.Tensor | None:
+        """The voice statistics of one dataset item, as a reference clip of it would give."""
+        if not self.model_config.voice_stats:
+            return None
+        stats = self.meta["stats"]
+        pitch = item["pitch"].float()
+        hz = torch.where(pitch != 0, pitch * stats["pitch_std"] + stats["pitch_mean"], pitch)
+        return voice_stats.voice_statistics(item["mel"].float()[None], hz[None]).to(self.device)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -885,6 +933,8 @@ class Trainer:
                 for name, emb in self.meta.get("speaker_embeddings", {}).items()
                 if base_speaker(name) not in (self.cfg.held_out_speakers or ())
             },
+            # Their voice statistics (training.voice_stats), for synthesis by name.
+            "voices": self.voices,
         }
 
     def save(self, best: bool = False) -> str:
@@ -957,6 +1007,13 @@ class Trainer:
             )
         if ckpt["symbols"] != self.symbols:
             raise ValueError("cannot resume: the feature cache's symbol table has changed")
+        saved_config = ModelConfig.from_dict(ckpt.get("model_config") or {})
+        if saved_config.voice_stats != self.model_config.voice_stats:
+            raise ValueError(
+                "cannot resume: the checkpoint was written before the model took voice "
+                "statistics; its checkpoints still synthesise, and a new run can start from it "
+                "only as a new model"
+            )
         if load_model_weights(self.model, ckpt["model"]):
             # Its optimiser state has no slots for the new weights: it cannot continue exactly.
             raise ValueError(
@@ -1015,6 +1072,12 @@ class Trainer:
         # Compared through ModelConfig, so a checkpoint from before a config field existed
         # (it gets the field's default) still matches its size.
         if ModelConfig.from_dict(ckpt["model_config"]) != self.model_config:
+            if ckpt.get("size") == self.cfg.size:
+                raise ValueError(
+                    f"init_from {path}: that '{self.cfg.size}' model was made by an earlier "
+                    "version of the studio (without voice statistics), so its weights do not "
+                    "fit; start from a checkpoint trained since"
+                )
             raise ValueError(
                 f"init_from {path}: it is a '{ckpt.get('size')}' model, this run trains "
                 f"'{self.cfg.size}'; pick a checkpoint of the same size"
@@ -1029,6 +1092,7 @@ class Trainer:
                     self.model.embed.weight[i] = old_rows[old_index[symbol]]
         # The new corpus's statistics describe the data this run trains on.
         self.model.set_feature_stats(self.meta["stats"])
+        self._set_default_voice()
         if self.ema is not None:
             self.ema.reset(self.model)
 
