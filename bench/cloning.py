@@ -14,7 +14,7 @@ A checkpoint whose `speakers` table names a held-out speaker was trained on that
 line says so ("leak") and its figures do not measure cloning of an unseen voice.
 
 A checkpoint with voice statistics gets two lines by default, with and without voice matching at
-synthesis (`--match on,off`), so the baseline is measured in the same run.
+synthesis (`--match off,on`; off is the default), measured in the same run.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--match",
-        default="on,off",
+        default="off,on",
         help="voice matching at synthesis (training.voice_stats.match): on, off or both "
-        "(on,off: the baseline beside it in the same run)",
+        "(off,on: the synthesis default and the option, in the same run)",
     )
     args = parser.parse_args()
 

@@ -39,13 +39,23 @@ def write_coqui_corpus(root: Path) -> Path:
 def test_preprocess_writes_a_cache(tmp_path, capsys):
     corpus = write_coqui_corpus(tmp_path / "corpus")
     out = tmp_path / "cache"
-    assert main(["preprocess", str(corpus), str(out), "--lang", "en"]) == 0
+    assert main(["preprocess", str(corpus), str(out), "--lang", "en", "--no-augment-speakers"]) == 0
     printed = capsys.readouterr().out
     assert "4 utterances" in printed and "kept 4" in printed
     meta = json.loads((out / "meta.json").read_text())
     assert meta["speakers"] == ["ann", "bob"]
     items = (out / "items.jsonl").read_text().splitlines()
     assert len(items) == 4
+
+
+def test_preprocess_augments_a_small_corpus_by_default(tmp_path, capsys):
+    corpus = write_coqui_corpus(tmp_path / "corpus")
+    out = tmp_path / "cache"
+    assert main(["preprocess", str(corpus), str(out), "--lang", "en"]) == 0
+    assert "speaker augmentation: 16 shifted copies of 2 speaker(s)" in capsys.readouterr().out
+    speakers = json.loads((out / "meta.json").read_text())["speakers"]
+    assert {"ann", "bob"} < set(speakers) and len(speakers) == 10
+    assert all(s.split("@")[0] in ("ann", "bob") for s in speakers)
 
 
 def test_preprocess_reports_an_unreadable_corpus(tmp_path, capsys):

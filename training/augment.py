@@ -26,6 +26,12 @@ SEPARATOR = "@"
 # Playback-rate factors: 0.86 and 1.16 are about -/+2.6 semitones (and formants alike), inside
 # the spread of real adult voices of one sex, so the copies still sound like people.
 DEFAULT_FACTORS: tuple[float, ...] = (0.86, 0.93, 1.07, 1.16)
+# Corpora of fewer speakers than this get the copies by default (`python -m training preprocess`):
+# on dev-en-8spk (6 training voices) they raised the normalised SECS of two voices the model never
+# heard from 0.44 to 0.53 (tiny, 2000 steps, with voice statistics; issue 14). Beyond a few dozen
+# real voices the map from embedding to voice has real points to learn from, and 5x the audio
+# to preprocess is no longer worth it (not measured: no such corpus here).
+AUGMENT_BELOW_SPEAKERS = 20
 # Rates are rounded to this many Hz: a rate sharing a large divisor with the corpus rate keeps
 # torchaudio's polyphase resampling kernel small.
 _RATE_STEP = 50

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from training import distributed
+from training.augment import AUGMENT_BELOW_SPEAKERS
 from training.config import OPTIMIZATION_LEVELS, UnsafeConfig, batch_warning, preset
 from training.model import MODEL_SIZES
 from training.trainer import Callbacks, Trainer
@@ -47,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre.add_argument(
         "--augment-speakers",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="add pitch- and formant-shifted copies of every speaker as extra speakers "
-        "(training.augment), so a small corpus teaches more than a few voices",
+        "(training.augment), so a small corpus teaches more than a few voices (default: on "
+        f"for corpora of fewer than {AUGMENT_BELOW_SPEAKERS} speakers)",
     )
 
     sh = sub.add_parser(
@@ -137,13 +140,20 @@ def preprocess(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(items)} utterances in {args.data_dir}, {len(problems)} metadata problem(s)")
-    if args.augment_speakers:
+    speakers = {it.speaker for it in items}
+    augment = args.augment_speakers
+    if augment is None:
+        augment = len(speakers) < AUGMENT_BELOW_SPEAKERS
+    if augment:
         from pathlib import Path
 
         from training.augment import augmented_items
 
         copies = augmented_items(items, Path(args.out_dir) / "augmented")
-        print(f"speaker augmentation: {len(copies)} shifted copies as extra speakers")
+        print(
+            f"speaker augmentation: {len(copies)} shifted copies of {len(speakers)} speaker(s) "
+            "as extra speakers (--no-augment-speakers to skip)"
+        )
         items = list(items) + copies
     with tqdm(total=len(items), unit="utt", desc="preprocess") as bar:
 
