@@ -336,25 +336,21 @@ class Synthesizer:
         )
 
     def _voice_tensors(self, voice: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A voice vector -> (embedding [1, 256], statistics [1, n_mels + 1] or None)."""
+        """A voice vector -> (embedding [1, 256], statistics [1, 2 n_mels + 1] or None)."""
         vector = torch.as_tensor(np.asarray(voice, dtype=np.float32)).reshape(1, -1)
         vector = vector.to(self.loaded.device)
-        dim = self.loaded.model.cfg.speaker_dim
+        cfg = self.loaded.model.cfg
+        dim = cfg.speaker_dim
         if vector.shape[1] == dim:
             return vector, None
-        if not self.loaded.uses_voice_stats or vector.shape[1] != dim + voice_stats.dim(
-            self.loaded.model.cfg.n_mels
-        ):
-            raise ValueError(
-                f"a voice is a {dim}-d speaker embedding"
-                + (
-                    " optionally followed by its voice statistics"
-                    if self.loaded.uses_voice_stats
-                    else ""
-                )
-                + f", not {vector.shape[1]} numbers"
-            )
-        return vector[:, :dim], vector[:, dim:]
+        if self.loaded.uses_voice_stats and vector.shape[1] == dim + voice_stats.dim(cfg.n_mels):
+            return vector[:, :dim], vector[:, dim:]
+        also = (
+            " optionally followed by its voice statistics" if self.loaded.uses_voice_stats else ""
+        )
+        raise ValueError(
+            f"a voice is a {dim}-d speaker embedding{also}, not {vector.shape[1]} numbers"
+        )
 
     def encode(self, chunk: str, lang: str) -> list[int]:
         return self.loaded.symbols.encode(self.loaded.frontend(lang).tokens(chunk))

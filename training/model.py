@@ -491,8 +491,7 @@ class TTSModel(nn.Module):
     def voice_of_batch(self, batch: dict) -> torch.Tensor:
         """Each utterance's own voice statistics [B, 2 n_mels + 1] from its target mel and pitch
         (training: the voice is read off the very clip being learned, as a reference is)."""
-        pitch = batch["pitch"].float()
-        hz = torch.where(pitch != 0, pitch * self.pitch_std + self.pitch_mean, pitch)
+        hz = vs.pitch_in_hz(batch["pitch"], self.pitch_mean, self.pitch_std)
         return vs.voice_statistics(batch["mels"], hz, batch["mel_lens"])
 
     def voice_terms(self, stats: torch.Tensor | None, batch_size: int) -> dict | None:

@@ -403,9 +403,8 @@ class Trainer:
             mels, f0s = [], []
             for i in chosen:
                 item = dataset[i]
-                pitch = item["pitch"].float()
                 mels.append(item["mel"].float())
-                f0s.append(torch.where(pitch != 0, pitch * std + mean, pitch))
+                f0s.append(voice_stats.pitch_in_hz(item["pitch"], mean, std))
             table[name] = voice_stats.of_clips(mels, f0s).tolist()
         return table
 
@@ -886,8 +885,7 @@ class Trainer:
         if not self.model_config.voice_stats:
             return None
         stats = self.meta["stats"]
-        pitch = item["pitch"].float()
-        hz = torch.where(pitch != 0, pitch * stats["pitch_std"] + stats["pitch_mean"], pitch)
+        hz = voice_stats.pitch_in_hz(item["pitch"], stats["pitch_mean"], stats["pitch_std"])
         return voice_stats.voice_statistics(item["mel"].float()[None], hz[None]).to(self.device)
 
     # ------------------------------------------------------------------ checkpoints

@@ -43,6 +43,13 @@ def split(stats: torch.Tensor, n_mels: int):
     return stats[..., :n_mels], stats[..., n_mels : 2 * n_mels], stats[..., 2 * n_mels]
 
 
+def pitch_in_hz(pitch: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised pitch as the feature dataset gives it (training.data) back to Hz; unvoiced
+    frames stay exactly 0."""
+    pitch = pitch.float()
+    return torch.where(pitch != 0, pitch * std + mean, pitch)
+
+
 def speech_frames(mels: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """[B, n_mels, T] log-mels -> [B, T] True on the valid frames within SPEECH_RANGE of the
     clip's loudest."""
